@@ -17,12 +17,14 @@ def _no_leaked_strategy_or_env():
     """Fails a test that leaves a strategy scope open or changes os.environ."""
     import tensorflow as tf
 
-    before = dict(os.environ)
+    before = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
     yield
-    leaked = {k for k in set(os.environ) ^ set(before)} | {
-        k for k in before if k in os.environ and os.environ[k] != before[k]
-    }
-    os.environ.clear()
-    os.environ.update(before)
+    after = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+    leaked = {k for k in set(after) ^ set(before)} | {k for k in before if after.get(k) != before[k]}
+    for key in leaked:
+        if key in before:
+            os.environ[key] = before[key]
+        else:
+            os.environ.pop(key, None)
     assert not leaked, f"test leaked environment variable(s): {sorted(leaked)}"
     assert not tf.distribute.has_strategy(), "test left a tf.distribute strategy scope open"

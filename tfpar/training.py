@@ -1,0 +1,222 @@
+"""Training helpers for data parallelism: global batch size, learning-rate scaling, warmup, throughput.
+
+With synchronous data parallelism over R replicas, each step consumes R per-replica batches, so the
+effective (global) batch is R times larger. Goyal et al. 2017 ("Accurate, Large Minibatch SGD")
+keep accuracy by scaling the learning rate linearly with the batch size and warming it up over the
+first epochs; for adaptive optimizers a square-root rule is common.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+LR_SCALING_RULES = ("linear", "sqrt")
+
+
+def _replicas(strategy: tf.distribute.Strategy | None) -> int:
+    strategy = strategy if strategy is not None else tf.distribute.get_strategy()
+    return int(strategy.num_replicas_in_sync)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"Expected `{name}` to be an int. Received: {name}={value!r} (of type {type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"Expected `{name}` >= 1. Received: {name}={value}")
+    return value
+
+
+def global_batch_size(per_replica_batch_size: int, strategy: tf.distribute.Strategy | None = None) -> int:
+    """Returns the global batch size for a per-replica batch size.
+
+    Args:
+        per_replica_batch_size: Examples each replica processes per step.
+        strategy: The strategy (default: the current one, e.g. inside ``tfpar.scope``).
+
+    Returns:
+        ``per_replica_batch_size * strategy.num_replicas_in_sync``.
+
+    Example:
+    >>> with tfpar.scope("mirrored", devices=["cpu:0", "cpu:1"]):
+    ...     tfpar.training.global_batch_size(32)
+    64
+    """
+    return _positive_int("per_replica_batch_size", per_replica_batch_size) * _replicas(strategy)
+
+
+def per_replica_batch_size(global_batch_size: int, strategy: tf.distribute.Strategy | None = None) -> int:
+    """Returns the per-replica batch size for a global batch size.
+
+    Args:
+        global_batch_size: Examples per step over all replicas.
+        strategy: The strategy (default: the current one).
+
+    Returns:
+        ``global_batch_size // strategy.num_replicas_in_sync``.
+
+    Raises:
+        ValueError: If the global batch size does not divide evenly over the replicas (the message
+            names the nearest sizes that do).
+
+    Example:
+    >>> with tfpar.scope("mirrored", devices=["cpu:0", "cpu:1"]):
+    ...     tfpar.training.per_replica_batch_size(64)
+    32
+    """
+    size = _positive_int("global_batch_size", global_batch_size)
+    replicas = _replicas(strategy)
+    if size % replicas:
+        lower = max(replicas, size - size % replicas)
+        upper = size - size % replicas + replicas
+        raise ValueError(
+            f"Expected global_batch_size to be a multiple of the {replicas} replicas. "
+            f"Received: global_batch_size={size}. Use {lower} or {upper}."
+        )
+    return size // replicas
+
+
+def scale_learning_rate(
+    base_learning_rate: float,
+    *,
+    factor: float | None = None,
+    rule: str = "linear",
+    strategy: tf.distribute.Strategy | None = None,
+) -> float:
+    """Scales a single-device learning rate for a larger global batch.
+
+    Args:
+        base_learning_rate: The learning rate tuned for one replica's batch.
+        factor: Global batch / base batch. Default: the number of replicas of `strategy`.
+        rule: ``"linear"`` (Goyal et al. 2017, for SGD) or ``"sqrt"`` (often used with Adam).
+        strategy: The strategy (default: the current one) when `factor` is not given.
+
+    Returns:
+        ``base * factor`` (linear) or ``base * sqrt(factor)`` (sqrt).
+
+    Raises:
+        ValueError: For an unknown rule or a non-positive learning rate or factor.
+
+    Example:
+    >>> tfpar.training.scale_learning_rate(0.1, factor=4)
+    0.4
+    >>> tfpar.training.scale_learning_rate(1e-3, factor=4, rule="sqrt")
+    0.002
+    """
+    if rule not in LR_SCALING_RULES:
+        raise ValueError(f"Expected rule to be one of {list(LR_SCALING_RULES)}. Received: rule={rule!r}")
+    if not isinstance(base_learning_rate, (int, float)) or base_learning_rate <= 0:
+        raise ValueError(
+            f"Expected base_learning_rate to be a positive number. Received: base_learning_rate={base_learning_rate!r}"
+        )
+    factor = float(_replicas(strategy) if factor is None else factor)
+    if factor <= 0:
+        raise ValueError(f"Expected factor > 0. Received: factor={factor}")
+    return float(base_learning_rate) * (factor if rule == "linear" else math.sqrt(factor))
+
+
+class LearningRateWarmup(keras.callbacks.Callback):
+    """Linearly warms the learning rate up to its target over the first steps (Goyal et al. 2017).
+
+    The rate at step ``t`` (counted by ``optimizer.iterations``, so a resumed run continues where
+    it stopped) is ``initial + (target - initial) * t / warmup_steps``; after warmup it is
+    ``target``. The optimizer's learning rate must be a number, not a schedule.
+
+    Args:
+        warmup_steps: Number of optimizer steps to reach the target (e.g. 5 epochs' worth).
+        target_learning_rate: The rate after warmup. Default: the optimizer's rate at train start.
+        initial_learning_rate: The rate at step 0. Default: ``target / 10``.
+
+    Example:
+    >>> lr = tfpar.training.scale_learning_rate(0.1)   # 0.1 x replicas
+    >>> model.compile(optimizer=keras.optimizers.SGD(lr), loss="mse")
+    >>> model.fit(x, y, callbacks=[tfpar.training.LearningRateWarmup(warmup_steps=500)])
+    """
+
+    def __init__(
+        self,
+        warmup_steps: int,
+        target_learning_rate: float | None = None,
+        initial_learning_rate: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.warmup_steps = _positive_int("warmup_steps", warmup_steps)
+        for name, value in (("target_learning_rate", target_learning_rate), ("initial_learning_rate", initial_learning_rate)):
+            if value is not None and (not isinstance(value, (int, float)) or value < 0):
+                raise ValueError(f"Expected {name} to be a non-negative number. Received: {name}={value!r}")
+        self.target_learning_rate = target_learning_rate
+        self.initial_learning_rate = initial_learning_rate
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        optimizer = self.model.optimizer
+        if isinstance(getattr(optimizer, "_learning_rate", None), keras.optimizers.schedules.LearningRateSchedule):
+            raise ValueError(
+                "LearningRateWarmup needs an optimizer with a constant learning rate; this one uses "
+                f"a schedule ({type(optimizer._learning_rate).__name__}). Put the warmup into the "
+                "schedule instead (e.g. keras.optimizers.schedules.CosineDecay(warmup_steps=...))."
+            )
+        if self.target_learning_rate is None:
+            self.target_learning_rate = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+        if self.initial_learning_rate is None:
+            self.initial_learning_rate = self.target_learning_rate / 10.0
+
+    def learning_rate_at(self, step: int) -> float:
+        """The warmup learning rate at optimizer step `step`."""
+        if step >= self.warmup_steps:
+            return float(self.target_learning_rate)
+        fraction = step / self.warmup_steps
+        return float(self.initial_learning_rate + (self.target_learning_rate - self.initial_learning_rate) * fraction)
+
+    def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        if step <= self.warmup_steps:
+            self.model.optimizer.learning_rate = self.learning_rate_at(step)
+
+
+class Throughput(keras.callbacks.Callback):
+    """Adds ``samples_per_second`` (training examples per wall-clock second) to each epoch's logs.
+
+    Every timed step counts as a full global batch, so a final partial batch is counted as full.
+
+    Args:
+        global_batch_size: Examples per step over all replicas.
+        skip_first_steps: Steps of the first epoch not timed (tracing and warm-up).
+
+    Example:
+    >>> throughput = tfpar.training.Throughput(global_batch_size=64)
+    >>> history = model.fit(x, y, batch_size=64, callbacks=[throughput])
+    >>> history.history["samples_per_second"]
+    """
+
+    def __init__(self, global_batch_size: int, skip_first_steps: int = 1) -> None:
+        super().__init__()
+        self.global_batch_size = _positive_int("global_batch_size", global_batch_size)
+        if isinstance(skip_first_steps, bool) or not isinstance(skip_first_steps, int) or skip_first_steps < 0:
+            raise ValueError(f"Expected skip_first_steps >= 0. Received: skip_first_steps={skip_first_steps!r}")
+        self.skip_first_steps = skip_first_steps
+        self._epoch = 0
+        self._skip = 0
+        self._start: float | None = None
+        self._first_step = self._last_step = -1
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._skip = self.skip_first_steps if self._epoch == 0 else 0
+        # Keras reports the index of the last step of each execution (steps_per_execution >= 1).
+        self._first_step, self._last_step = -1, -1
+        self._start = time.perf_counter() if self._skip == 0 else None
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._last_step = batch
+        if self._start is None and batch + 1 >= self._skip:
+            self._first_step, self._start = batch, time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._epoch += 1
+        steps = self._last_step - self._first_step
+        if logs is not None and self._start is not None and steps > 0:
+            elapsed = time.perf_counter() - self._start
+            logs["samples_per_second"] = steps * self.global_batch_size / elapsed

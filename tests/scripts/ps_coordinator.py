@@ -1,0 +1,49 @@
+"""The coordinator (chief task) of a parameter-server cluster started by `tfpar launch --ps M`.
+
+Reads the cluster from TF_CONFIG with tfpar.cluster.resolve, schedules CLOSURES closures through a
+ClusterCoordinator, and prints one JSON line prefixed with RESULT: the counter on the ps, the
+cluster spec, and what listens on each cluster port (the worker and ps servers run in other
+processes of the same machine).
+
+Usage: python ps_coordinator.py CLOSURES
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
+
+from tfpar import cluster  # noqa: E402
+
+closures = int(sys.argv[1])
+resolver = cluster.resolve("tf_config")
+info = cluster.detect()
+spec = resolver.cluster_spec().as_dict()
+strategy = tf.distribute.ParameterServerStrategy(resolver)
+coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
+with strategy.scope():
+    counter = tf.Variable(0, dtype=tf.int64)
+
+
+@tf.function
+def step():
+    counter.assign_add(1)
+    return counter.read_value()
+
+
+for _ in range(closures):
+    coordinator.schedule(step)
+coordinator.join()
+ports = [int(a.rsplit(":", 1)[1]) for job in ("worker", "ps") for a in spec[job]]
+print("RESULT:" + json.dumps({
+    "counter": int(counter.numpy()),
+    "variable_device": counter.device,
+    "task": f"{resolver.task_type}:{resolver.task_id}",
+    "is_chief": cluster.is_chief(),
+    "detect": None if info is None else [info.source, info.num_workers, info.num_ps, info.has_chief],
+    "spec": spec,
+    "listening": {str(k): v for k, v in cluster.listening_addresses(ports).items()},
+}), flush=True)

@@ -7,7 +7,9 @@ import gc
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
+import tfpar
 import tfpar.models
 
 # Krizhevsky et al. 2012, one tower: (in channels, out channels, kernel) per convolution.
@@ -245,3 +247,24 @@ def test_lrn_model_saves_and_loads(tmp_path):
 def test_lrn_invalid_arguments(kwargs, error, message):
     with pytest.raises(error, match=message):
         tfpar.models.LocalResponseNormalization(**kwargs)
+
+
+# === Data-parallel training (tfpar.scope) ===
+
+
+@pytest.mark.parametrize("normalization", ["batchnorm", "lrn"])
+def test_tiny_alexnet_fits_under_mirrored_on_two_cpus(normalization):
+    rng = np.random.RandomState(0)
+    x = rng.rand(32, 64, 64, 3).astype("float32")
+    y = rng.randint(0, 10, 32)
+    with tfpar.scope("mirrored", devices=["cpu:0", "cpu:1"]) as strategy:
+        model = tfpar.models.alexnet((64, 64, 3), 10, normalization=normalization, width=0.125)
+        model.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    assert strategy.num_replicas_in_sync == 2
+    assert isinstance(model.get_layer("conv1").kernel.value, tf.distribute.DistributedValues)
+    batchnorms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert [layer.synchronized for layer in batchnorms] == ([True] * 5 if normalization == "batchnorm" else [])
+    before = model.get_layer("conv2").kernel.numpy().copy()
+    history = model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    assert not np.allclose(model.get_layer("conv2").kernel.numpy(), before)

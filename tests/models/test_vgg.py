@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
+import tfpar
 import tfpar.models
 
 # The paper's configurations A, B, D, E (convolutions per block) and the filters of each block.
@@ -248,3 +251,53 @@ def test_invalid_options_raise_before_building(kwargs, error, message, monkeypat
         monkeypatch.setattr(f"keras.{attribute}", built)
     with pytest.raises(error, match=message):
         tfpar.models.vgg(**options)
+
+
+# === Data-parallel training (tfpar.scope) ===
+
+
+def test_tiny_vgg11_fits_under_mirrored_on_two_cpus():
+    rng = np.random.RandomState(0)
+    x = rng.rand(64, 32, 32, 3).astype("float32")
+    y = rng.randint(0, 10, 64)
+    with tfpar.scope("mirrored", devices=["cpu:0", "cpu:1"]) as strategy:
+        model = tfpar.models.vgg11((32, 32, 3), 10, batch_norm=True, width=0.125)
+        model.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    assert strategy.num_replicas_in_sync == 2
+    assert isinstance(model.get_layer("block1_conv1").kernel.value, tf.distribute.DistributedValues)
+    assert all(layer.synchronized for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization))
+    before = model.get_layer("fc1").kernel.numpy().copy()
+    history = model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    assert 0.0 <= history.history["accuracy"][0] <= 1.0
+    assert not np.allclose(model.get_layer("fc1").kernel.numpy(), before)
+
+
+@pytest.mark.filterwarnings("ignore:.*unsynchronized BatchNormalization")
+def test_sync_batchnorm_gives_the_single_device_statistics_under_mirrored():
+    # The two replicas see very different halves of the batch: N(0, 1) and N(5, 3) images.
+    rng = np.random.RandomState(0)
+    x = np.concatenate([rng.normal(0, 1, (4, 32, 32, 3)), rng.normal(5, 3, (4, 32, 32, 3))]).astype("float32")
+    y = np.arange(8) % 10
+    initial = tfpar.models.vgg11((32, 32, 3), 10, batch_norm=True, width=0.125).get_weights()
+
+    def moving_statistics(sync_batchnorm, devices=None):
+        """One step with lr=0 (only the moving statistics change), from the same weights."""
+        context = tfpar.scope("mirrored", devices=devices) if devices else contextlib.nullcontext()
+        with context:
+            model = tfpar.models.vgg11(
+                (32, 32, 3), 10, batch_norm=True, width=0.125, sync_batchnorm=sync_batchnorm
+            )
+            model.set_weights(initial)
+            model.compile(keras.optimizers.SGD(0.0), "sparse_categorical_crossentropy")
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        return np.concatenate([
+            np.concatenate([layer.moving_mean.numpy(), layer.moving_variance.numpy()])
+            for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)
+        ])  # fmt: skip
+
+    single = moving_statistics(sync_batchnorm=False)
+    synced = moving_statistics(sync_batchnorm=True, devices=["cpu:0", "cpu:1"])
+    local = moving_statistics(sync_batchnorm=False, devices=["cpu:0", "cpu:1"])
+    assert np.abs(synced - single).max() < 1e-5
+    assert np.abs(local - single).max() > 1e-3  # the failure sync_batchnorm=True prevents

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tfpar import cluster
 from tfpar.launch import EXIT_TIMEOUT, build_parser, launch, main
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -303,6 +304,7 @@ def test_parser_defaults():
         ({"env": {"A": 1}}, TypeError, "dict of str to str"),
         ({"env": {"TF_CONFIG": "{}"}}, ValueError, "sets TF_CONFIG for each task itself"),
         ({"output": 42}, TypeError, "write() method"),
+        ({"isolate_network": "yes"}, TypeError, "Expected isolate_network to be a bool"),
     ],
 )
 def test_launch_validates_arguments_before_starting_anything(kwargs, error, message):
@@ -392,3 +394,93 @@ def test_parameter_server_mode_runs_servers_and_a_coordinator_chief():
         assert result["listening"][address.rsplit(":", 1)[1]], f"nothing listened for {name}"
     # The servers never exit on their own: the launcher stopped them.
     assert _wait_dead([int(s[2]) for s in servers]) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Network isolation: the servers cannot be reached from outside the cluster
+# ---------------------------------------------------------------------------------------------
+
+
+def _isolated_launch(**kwargs) -> int:
+    try:
+        return launch(isolate_network=True, **kwargs)
+    except RuntimeError as error:
+        if "could not create a private network namespace" in str(error):
+            pytest.skip(f"user namespaces are unavailable here: {error}")
+        raise
+
+
+@pytest.mark.multiprocess
+def test_isolated_tasks_reach_each_other_over_loopback():
+    out = io.StringIO()
+    code = _isolated_launch(command=[PY, TASK, "echo"], workers=2, output=out, timeout=60)
+    assert code == 0, out.getvalue()
+    assert "[worker:0] received hello from worker 1" in out.getvalue()
+    assert "private network namespace (loopback only" in out.getvalue()
+
+
+def _host_addresses() -> list[str]:
+    """This machine's non-loopback IPv4 interface addresses (Linux SIOCGIFADDR)."""
+    import fcntl
+    import socket
+    import struct
+
+    addresses = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _, name in socket.if_nameindex():
+            try:
+                raw = fcntl.ioctl(sock.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
+            except OSError:  # no IPv4 address on this interface
+                continue
+            address = socket.inet_ntoa(raw[20:24])
+            if not address.startswith("127."):
+                addresses.append(address)
+    return addresses
+
+
+@pytest.mark.multiprocess
+def test_isolated_parameter_server_cluster_is_unreachable_from_the_host(tmp_path):
+    import socket
+
+    sentinel = tmp_path / "done"
+    out = io.StringIO()
+    result = {}
+
+    def run():
+        result["code"] = _isolated_launch(
+            command=[PY, str(SCRIPTS / "ps_coordinator.py"), "4", str(sentinel)],
+            workers=2, ps=1, output=out, timeout=150,
+        )
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 150
+        while "chief:0" not in _results(out.getvalue()) and thread.is_alive():
+            assert time.monotonic() < deadline, out.getvalue()
+            time.sleep(0.1)
+        inside = _results(out.getvalue()).get("chief:0")
+        assert inside is not None, out.getvalue() + repr(result)
+        assert inside["counter"] == 4
+        ports = [int(a.rsplit(":", 1)[1]) for job in ("worker", "ps") for a in inside["spec"][job]]
+        # Inside the namespace the servers listen (on all of its interfaces: only lo exists) ...
+        assert all(inside["listening"][str(p)] for p in ports)
+        # ... while the host sees no listener and cannot connect, on loopback or its own address.
+        assert cluster.listening_addresses(ports) == {p: [] for p in ports}
+        hosts = ["127.0.0.1", *_host_addresses()]
+        with socket.socket(socket.AF_INET6) as control:  # the probe does reach host listeners
+            control.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            control.bind(("::", 0))
+            control.listen()
+            for host in hosts:
+                socket.create_connection((host, control.getsockname()[1]), timeout=2).close()
+        for host in hosts:
+            for port in ports:
+                with pytest.raises(OSError):
+                    socket.create_connection((host, port), timeout=2).close()
+    finally:
+        sentinel.touch()
+        thread.join(timeout=60)
+    assert result.get("code") == 0, out.getvalue()
+    helper = int(re.search(r"helper pid (\d+)", out.getvalue()).group(1))
+    assert _wait_dead([helper]) == []

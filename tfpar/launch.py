@@ -30,9 +30,15 @@ Child environment: the parent's, plus `env`, plus ``TF_CONFIG``, ``TFPAR_LAUNCH_
 (``"worker:1"``), ``TFPAR_LAUNCH_RESTART`` and ``PYTHONUNBUFFERED=1`` (unless set). The current
 process's environment is never modified.
 
-Security: TensorFlow's gRPC servers have no authentication and listen on every interface
-(only 127.0.0.1 addresses are used, but the ports are reachable from other hosts unless a
-firewall blocks them). Run on a trusted machine.
+Security: TensorFlow's gRPC servers have no authentication and always listen on every interface
+(``0.0.0.0``/``[::]``; TensorFlow takes only the port from the cluster spec). The launcher puts
+only 127.0.0.1 addresses in ``TF_CONFIG``, so the tasks talk over loopback, but by default their
+ports are reachable from other hosts unless a firewall blocks them. ``isolate_network=True``
+(``--isolate-network``, Linux) runs all tasks in a private network namespace that has only a
+loopback interface: the servers are then reachable by the cluster's own tasks and nothing else
+(and the tasks have no network access beyond loopback: no downloads, no remote storage). It uses
+an unprivileged user namespace (``unshare(CLONE_NEWUSER | CLONE_NEWNET)``) with the same uid/gid,
+so it needs no root, but some systems disable user namespaces.
 
 POSIX only (process groups, signals).
 """
@@ -62,6 +68,50 @@ EXIT_TIMEOUT = 124
 _POLL_SECONDS = 0.05
 _TAIL_LINES = 20
 _SERVE_CODE = "import sys; from tfpar.launch import serve; sys.exit(serve())"
+_CLONE_NEWUSER, _CLONE_NEWNET = 0x10000000, 0x40000000
+
+# Runs in a fresh (single-threaded) interpreter: makes a user + network namespace with the same
+# uid/gid, brings its loopback interface up, prints READY and lives until its stdin closes (the
+# launcher ends or dies). Tasks join its namespaces with _JOIN_CODE.
+_HOLDER_CODE = f"""
+import ctypes, fcntl, os, socket, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+uid, gid = os.geteuid(), os.getegid()
+if libc.unshare({_CLONE_NEWUSER} | {_CLONE_NEWNET}) != 0:
+    print("ERROR unshare(CLONE_NEWUSER | CLONE_NEWNET): " + os.strerror(ctypes.get_errno()), flush=True)
+    sys.exit(1)
+try:
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{{uid}} {{uid}} 1"), ("gid_map", f"{{gid}} {{gid}} 1")):
+        with open("/proc/self/" + name, "w") as handle:
+            handle.write(text)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    request = struct.pack("16sh", b"lo", 0)
+    flags = struct.unpack("16sh", fcntl.ioctl(sock, 0x8913, request))[1]  # SIOCGIFFLAGS
+    fcntl.ioctl(sock, 0x8914, struct.pack("16sh", b"lo", flags | 1))  # SIOCSIFFLAGS: IFF_UP
+except OSError as error:
+    print("ERROR setting up the namespace: " + str(error), flush=True)
+    sys.exit(1)
+print("READY", flush=True)
+sys.stdin.read()
+"""
+
+# Joins the holder's user and network namespaces (argv[1] = its pid), then execs the task.
+_JOIN_CODE = f"""
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+for name, flag in (("user", {_CLONE_NEWUSER}), ("net", {_CLONE_NEWNET})):
+    fd = os.open("/proc/" + sys.argv[1] + "/ns/" + name, os.O_RDONLY)
+    if libc.setns(fd, flag) != 0:
+        sys.stderr.write("tfpar launch: cannot join the network namespace (" + name + "): "
+                         + os.strerror(ctypes.get_errno()) + "\\n")
+        os._exit(126)
+    os.close(fd)
+try:
+    os.execvp(sys.argv[2], sys.argv[2:])
+except OSError as error:
+    sys.stderr.write("tfpar launch: could not run " + repr(sys.argv[2:]) + ": " + str(error) + "\\n")
+    os._exit(127)
+"""
 
 
 @dataclasses.dataclass
@@ -101,6 +151,7 @@ def launch(
     env: Mapping[str, str] | None = None,
     output: TextIO | None = None,
     grace_period: float = 5.0,
+    isolate_network: bool = False,
 ) -> int:
     """Runs COMMAND as a local multi-process TensorFlow cluster and supervises it.
 
@@ -118,6 +169,9 @@ def launch(
         output: Where prefixed output goes; None means ``sys.stdout`` at call time (a notebook
             cell's output when called from a notebook).
         grace_period: Seconds between SIGTERM and SIGKILL when stopping tasks.
+        isolate_network: Run all tasks in a private network namespace with only a loopback
+            interface (Linux), so the unauthenticated TensorFlow servers are unreachable from
+            other hosts; the tasks then have no other network access either.
 
     Returns:
         0 when all tasks that must finish succeeded; otherwise the exit code of the task that
@@ -127,7 +181,8 @@ def launch(
         TypeError: If an argument has the wrong type (e.g. a command string instead of a list).
         ValueError: If an argument has a wrong value (e.g. ``workers=0``).
         RuntimeError: If called inside a task that this launcher started (no nested launches),
-            or on a non-POSIX system.
+            on a non-POSIX system, or when `isolate_network` is requested where user namespaces
+            are unavailable.
 
     Example:
     >>> tfpar.launch([sys.executable, "train.py"], workers=2)
@@ -139,6 +194,10 @@ def launch(
     _check_int("max_restarts", max_restarts, 0)
     if not isinstance(chief, bool):
         raise TypeError(f"Expected chief to be a bool. Received: chief={chief!r}")
+    if not isinstance(isolate_network, bool):
+        raise TypeError(
+            f"Expected isolate_network to be a bool. Received: isolate_network={isolate_network!r}"
+        )
     if timeout is not None:
         _check_positive("timeout", timeout)
     _check_positive("grace_period", grace_period)
@@ -147,6 +206,11 @@ def launch(
         raise RuntimeError(
             "tfpar launch needs POSIX process groups and signals. "
             f"Received: os.name={os.name!r}. Run it on Linux or macOS (or WSL)."
+        )
+    if isolate_network and not sys.platform.startswith("linux"):
+        raise RuntimeError(
+            "isolate_network=True uses Linux network namespaces. "
+            f"Received: platform={sys.platform!r}. Run without it, behind a firewall."
         )
     if os.environ.get("TFPAR_LAUNCH_TASK"):
         raise RuntimeError(
@@ -158,7 +222,8 @@ def launch(
     if not hasattr(out, "write"):
         raise TypeError(f"Expected output to have a write() method. Received: output={out!r}")
     return _Launcher(
-        command, workers, ps, chief or ps > 0, max_restarts, timeout, extra_env, out, grace_period
+        command, workers, ps, chief or ps > 0, max_restarts, timeout, extra_env, out, grace_period,
+        isolate_network,
     ).run()
 
 
@@ -218,7 +283,7 @@ def _check_env(env: Any) -> dict[str, str]:
 
 
 class _Launcher:
-    def __init__(self, command, workers, ps, chief, max_restarts, timeout, env, out, grace):
+    def __init__(self, command, workers, ps, chief, max_restarts, timeout, env, out, grace, isolate):
         self.command = command
         self.workers = workers
         self.ps = ps
@@ -232,6 +297,8 @@ class _Launcher:
         self.lines: queue.Queue = queue.Queue()
         self.restarts = 0
         self.tasks: list[_Task] = []
+        self.isolate = isolate
+        self.holder: subprocess.Popen | None = None
 
     # -- output -----------------------------------------------------------------------------
 
@@ -302,6 +369,8 @@ class _Launcher:
         env["TFPAR_LAUNCH_TASK"] = task.name
         env["TFPAR_LAUNCH_RESTART"] = str(self.restarts)
         argv = self.command if task.runs_command else [sys.executable, "-c", _SERVE_CODE]
+        if self.holder is not None:
+            argv = [sys.executable, "-c", _JOIN_CODE, str(self.holder.pid), *argv]
         try:
             task.process = subprocess.Popen(
                 argv,
@@ -358,9 +427,51 @@ class _Launcher:
 
     # -- supervision ------------------------------------------------------------------------
 
+    def start_namespace(self) -> None:
+        """Starts the process that holds the private network namespace the tasks join."""
+        self.holder = subprocess.Popen(
+            [sys.executable, "-c", _HOLDER_CODE],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(
+            target=lambda: lines.put(self.holder.stdout.readline()), daemon=True
+        ).start()
+        try:
+            line = lines.get(timeout=30).decode(errors="replace").strip()
+        except queue.Empty:
+            line = "no answer within 30 s"
+        if line != "READY":
+            self.stop_namespace()
+            raise RuntimeError(
+                "isolate_network=True could not create a private network namespace: "
+                f"{line or 'the helper exited'}. User namespaces may be disabled here (see "
+                "sysctl kernel.unprivileged_userns_clone, user.max_user_namespaces, or "
+                "kernel.apparmor_restrict_unprivileged_userns). Run without isolate_network "
+                "on a trusted network or behind a firewall."
+            )
+        self.say(f"tasks run in a private network namespace (loopback only; helper pid {self.holder.pid})")
+
+    def stop_namespace(self) -> None:
+        if self.holder is None:
+            return
+        try:
+            self.holder.stdin.close()
+            self.holder.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            self.holder.kill()
+            self.holder.wait(timeout=5)
+        self.holder.stdout.close()
+        self.holder = None
+
     def run(self) -> int:
         handlers = self._install_signal_handlers()
         try:
+            if self.isolate:
+                self.start_namespace()
             while True:
                 self.tasks = self.layout()
                 layout = ", ".join(f"{t.name}={t.address}" for t in self.tasks)
@@ -401,6 +512,7 @@ class _Launcher:
             self.stop_all()
             raise
         finally:
+            self.stop_namespace()
             self._restore_signal_handlers(handlers)
 
     def supervise(self) -> tuple[str, _Task | None]:
@@ -607,6 +719,10 @@ def build_parser(prog: str = "tfpar launch") -> argparse.ArgumentParser:
                         help="stop everything and exit 124 after S seconds (default: no limit)")
     parser.add_argument("--grace-period", type=_seconds, default=5.0, metavar="S",
                         help="seconds between SIGTERM and SIGKILL when stopping tasks (default 5)")
+    parser.add_argument("--isolate-network", action="store_true",
+                        help="run the tasks in a private loopback-only network namespace (Linux): "
+                             "the unauthenticated TensorFlow servers are unreachable from other "
+                             "hosts, and the tasks have no other network access")
     parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
                         help="the program every COMMAND task runs, after --")
     return parser
@@ -654,6 +770,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_restarts=args.max_restarts,
             timeout=args.timeout,
             grace_period=args.grace_period,
+            isolate_network=args.isolate_network,
         )
     except (TypeError, ValueError) as error:
         print(f"tfpar launch: error: {error}", file=sys.stderr)

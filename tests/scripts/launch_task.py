@@ -9,6 +9,8 @@ Modes:
   sleep       record this task's pid and a grandchild's pid in PID_DIR, sleep 60 s
   flaky       worker 1 exits 5 on the first attempt (TFPAR_LAUNCH_RESTART=0); otherwise exit 0
   ignore-term like sleep, but ignore SIGTERM (the launcher must SIGKILL after its grace period)
+  echo        worker 0 listens on its TF_CONFIG port on all interfaces (as TensorFlow does);
+              worker 1 connects to worker 0's address and sends a line; worker 0 prints it
 """
 
 import json
@@ -59,6 +61,33 @@ elif mode == "flaky":
         print("failing on the first attempt", flush=True)
         sys.exit(5)
     print(f"{name} succeeded on attempt {attempt}", flush=True)
+    sys.exit(0)
+elif mode == "echo":
+    import socket
+
+    cluster = json.loads(os.environ["TF_CONFIG"])["cluster"]["worker"]
+    if name == "worker:0":
+        server = socket.socket(socket.AF_INET6)
+        server.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("::", int(cluster[0].rsplit(":", 1)[1])))
+        server.listen()
+        server.settimeout(30)
+        connection, _ = server.accept()
+        print("received", connection.makefile().readline().strip(), flush=True)
+    else:
+        host, port = cluster[0].rsplit(":", 1)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                connection = socket.create_connection((host, int(port)), timeout=5)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        connection.sendall(b"hello from worker 1\n")
+        connection.close()
     sys.exit(0)
 else:
     sys.exit(f"unknown mode {mode!r}")

@@ -5,12 +5,16 @@ ClusterCoordinator, and prints one JSON line prefixed with RESULT: the counter o
 cluster spec, and what listens on each cluster port (the worker and ps servers run in other
 processes of the same machine).
 
-Usage: python ps_coordinator.py CLOSURES
+Usage: python ps_coordinator.py CLOSURES [WAIT_FOR_PATH]
+
+With WAIT_FOR_PATH the chief waits (up to 60 s) for that file to exist before exiting, so a test
+can look at the running cluster from outside.
 """
 
 import json
 import os
 import sys
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -47,3 +51,8 @@ print("RESULT:" + json.dumps({
     "spec": spec,
     "listening": {str(k): v for k, v in cluster.listening_addresses(ports).items()},
 }), flush=True)
+
+if len(sys.argv) > 2:
+    deadline = time.monotonic() + 60
+    while not os.path.exists(sys.argv[2]) and time.monotonic() < deadline:
+        time.sleep(0.05)

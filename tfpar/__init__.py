@@ -8,7 +8,7 @@ Example:
     model.fit(x, y, batch_size=64)
 """
 
-from tfpar import datasets, devices, strategies, training
+from tfpar import datasets, devices, models, strategies, training
 from tfpar.devices import configure_virtual_devices
 from tfpar.strategies import (
     available_strategies,
@@ -25,6 +25,7 @@ __all__ = [
     "datasets",
     "devices",
     "get_strategy",
+    "models",
     "register_strategy",
     "scope",
     "strategies",

@@ -19,20 +19,30 @@ Interceptions (verified on TensorFlow 2.21.0 / Keras 3.15.1):
    ``sum_r n_r * grad(mean_r) / N`` is exactly the single-device gradient. The reduction happens
    before gradient clipping and accumulation, so ``clipnorm`` also sees the global gradient.
    When the forward pass itself communicates across replicas (synchronized BatchNormalization),
-   gradients of one replica's loss flow to the others, so the weight ``n_r / N`` is applied to the
-   loss instead (``N`` from one extra scalar all-reduce per step).
-   Hooks: ``scale/unscale_loss_for_distribution``, ``TFOptimizer._backend_apply_gradients``,
-   ``TFOptimizer._all_reduce_sum_gradients`` and ``TensorFlowTrainer._make_function``.
+   gradients of one replica's loss flow to the others, and under a loss-scale optimizer
+   (mixed_float16) float16 backprop of an unweighted tiny batch can overflow; then the weight
+   ``n_r / N`` is applied to the loss instead (``N`` from one extra scalar all-reduce per step).
+   Hooks: ``scale/unscale_loss_for_distribution``, ``TFOptimizer.apply``,
+   ``LossScaleOptimizer.apply``, ``TFOptimizer._all_reduce_sum_gradients`` and
+   ``TensorFlowTrainer._make_function``.
 2. **``steps_per_execution > 1`` under MirroredStrategy** (keras-team/keras#19246;
    ``tests/test_steps_per_execution.py``). Upstream traces a nested ``tf.function`` per step inside
    a ``tf.while_loop`` over ``tf.experimental.Optional`` values and fails with "You must feed a value
    for placeholder tensor ... while/cond". tfpar's step loop inlines the per-step function.
-3. **Several MirroredStrategy objects in one process** (``tests/test_strategies.py``). Two
+3. **Symbolic build from one replica's batch** (``tests/test_exactness.py``, 3 replicas;
+   ``tests/test_multi_worker.py``). Before training, Keras builds the model from a first batch it
+   averages over replicas with ``strategy.reduce("MEAN", batch)``: that fails when replicas hold
+   different batch sizes (a global batch of 32 on 3 replicas: "Inputs to operation AddN ... must
+   have the same size and shape") and, under MultiWorkerMirroredStrategy, with "Attempt to convert
+   a value (PerReplica...)" (tensorflow/tensorflow#72388, keras-team/keras#20585). Only shapes and
+   dtypes matter for the build, so tfpar builds from the first local replica's batch
+   (hook: ``TensorFlowTrainer._maybe_symbolic_build``).
+4. **Several MirroredStrategy objects in one process** (``tests/test_strategies.py``). Two
    strategies with different collective patterns share collective keys and fail with "Shape
    mismatch in the collective instance". TensorFlow's own tests bump
    ``MirroredStrategy._collective_key_base`` (tensorflow/python/distribute/strategy_combinations.py);
    tfpar does the same for every strategy it creates, so notebooks can re-run cells.
-4. **Synchronized BatchNormalization by default inside ``tfpar.scope(..., sync_batchnorm=True)``**
+5. **Synchronized BatchNormalization by default inside ``tfpar.scope(..., sync_batchnorm=True)``**
    (``tests/test_batchnorm.py``). Unsynchronized BatchNormalization makes moving statistics depend
    on the replica count (13.2 vs 4e-6 with ``synchronized=True`` on 2 replicas). The scope option
    makes ``keras.layers.BatchNormalization(...)`` default to ``synchronized=True`` while it is open
@@ -73,8 +83,8 @@ class Interception:
 INTERCEPTIONS = (
     Interception(
         "keras.src.losses.loss.scale_loss_for_distribution / unscale_loss_for_distribution, "
-        "keras.src.backend.tensorflow.optimizer.TFOptimizer._backend_apply_gradients / "
-        "_all_reduce_sum_gradients",
+        "keras.src.backend.tensorflow.optimizer.TFOptimizer.apply / _all_reduce_sum_gradients, "
+        "keras.optimizers.LossScaleOptimizer.apply",
         "keras-team/keras#19891, tensorflow/tensorflow#36153",
         "exact gradients when a batch does not split evenly over the replicas",
     ),
@@ -82,6 +92,11 @@ INTERCEPTIONS = (
         "keras.src.backend.tensorflow.trainer.TensorFlowTrainer._make_function",
         "keras-team/keras#19246",
         "steps_per_execution > 1 under MirroredStrategy; per-replica example counts",
+    ),
+    Interception(
+        "keras.src.backend.tensorflow.trainer.TensorFlowTrainer._maybe_symbolic_build",
+        "tensorflow/tensorflow#72388, keras-team/keras#20585",
+        "build from one replica's batch (uneven replica batches; multi-worker)",
     ),
     Interception(
         "keras.layers.BatchNormalization.__init__ (default synchronized=True inside a scope)",
@@ -126,12 +141,16 @@ def _install() -> None:
         from keras.src.backend.tensorflow import trainer as tf_trainer
         from keras.src.losses import loss as loss_module
 
+        loss_scale_optimizer = keras.optimizers.LossScaleOptimizer
+
         targets = [
             (loss_module, "scale_loss_for_distribution", _scale_loss_for_distribution),
             (loss_module, "unscale_loss_for_distribution", _unscale_loss_for_distribution),
-            (tf_optimizer.TFOptimizer, "_backend_apply_gradients", _backend_apply_gradients),
+            (tf_optimizer.TFOptimizer, "apply", _optimizer_apply),
+            (loss_scale_optimizer, "apply", _loss_scale_optimizer_apply),
             (tf_optimizer.TFOptimizer, "_all_reduce_sum_gradients", _all_reduce_sum_gradients),
             (tf_trainer.TensorFlowTrainer, "_make_function", _make_function),
+            (tf_trainer.TensorFlowTrainer, "_maybe_symbolic_build", _maybe_symbolic_build),
         ]
         missing = [f"{owner.__name__}.{name}" for owner, name, _ in targets if not hasattr(owner, name)]
         if missing:
@@ -142,7 +161,7 @@ def _install() -> None:
                 "install a Keras 3 release in that line (pip install 'keras>=3.5,<4')."
             )
         for owner, name, replacement in targets:
-            _UPSTREAM[name] = getattr(owner, name)
+            _UPSTREAM[f"{owner.__name__}.{name}"] = owner.__dict__.get(name, getattr(owner, name))
             setattr(owner, name, replacement)
         _INSTALLED = True
 
@@ -222,7 +241,7 @@ def _exact_train_step(
 def _scale_loss_for_distribution(value: Any) -> Any:
     step = _current_step()
     if step is None:
-        return _UPSTREAM["scale_loss_for_distribution"](value)
+        return _UPSTREAM["keras.src.losses.loss.scale_loss_for_distribution"](value)
     step.keras_loss = True
     factor = step.loss_factor()
     if factor is None:
@@ -233,7 +252,7 @@ def _scale_loss_for_distribution(value: Any) -> Any:
 def _unscale_loss_for_distribution(value: Any) -> Any:
     step = _current_step()
     if step is None:
-        return _UPSTREAM["unscale_loss_for_distribution"](value)
+        return _UPSTREAM["keras.src.losses.loss.unscale_loss_for_distribution"](value)
     factor = step.loss_factor()
     if factor is None:
         return value
@@ -276,24 +295,34 @@ def _global_mean_gradients(grads: list[Any], step: _ReplicaStep) -> list[Any]:
     return out
 
 
-def _backend_apply_gradients(self: Any, grads: list[Any], trainable_variables: list[Any]) -> Any:
-    step = _current_step()
-    upstream = _UPSTREAM["_backend_apply_gradients"]
-    if step is None or not step.keras_loss or step.reduced_apply:
-        return upstream(self, grads, trainable_variables)
-    grads = _global_mean_gradients(list(grads), step)
-    step.reduced_apply = True
-    try:
-        return upstream(self, grads, trainable_variables)
-    finally:
-        step.reduced_apply = False
+def _reduced_apply(upstream_key: str) -> Callable[..., Any]:
+    # Optimizer.apply is the entry of every gradient update (apply_gradients calls it). tfpar
+    # all-reduces there, first, so the loss-scale finiteness check, clipping, weight decay and
+    # gradient accumulation all see the global gradient, as on one device.
+    def apply(self: Any, grads: Any, trainable_variables: Any = None) -> Any:
+        upstream = _UPSTREAM[upstream_key]
+        step = _current_step()
+        if step is None or not step.keras_loss or step.reduced_apply:
+            return upstream(self, grads, trainable_variables)
+        grads = _global_mean_gradients(list(grads), step)
+        step.reduced_apply = True
+        try:
+            return upstream(self, grads, trainable_variables)
+        finally:
+            step.reduced_apply = False
+
+    return apply
+
+
+_optimizer_apply = _reduced_apply("TFOptimizer.apply")
+_loss_scale_optimizer_apply = _reduced_apply("LossScaleOptimizer.apply")
 
 
 def _all_reduce_sum_gradients(self: Any, grads_and_vars: Any) -> Any:
     step = _current_step()
     if step is not None and step.reduced_apply:
         return list(grads_and_vars)  # already all-reduced (and averaged) by tfpar
-    return _UPSTREAM["_all_reduce_sum_gradients"](self, grads_and_vars)
+    return _UPSTREAM["TFOptimizer._all_reduce_sum_gradients"](self, grads_and_vars)
 
 
 # === 2. The step function: exactness wrapper and steps_per_execution ===
@@ -302,12 +331,12 @@ def _all_reduce_sum_gradients(self: Any, grads_and_vars: Any) -> Any:
 def _make_function(self: Any, step_function: Callable[[Any], Any]) -> Callable[[Any], Any]:
     strategy = self.distribute_strategy
     if not is_managed(strategy):
-        return _UPSTREAM["_make_function"](self, step_function)
+        return _UPSTREAM["TensorFlowTrainer._make_function"](self, step_function)
     if getattr(step_function, "__name__", "") == "train_step" and strategy.num_replicas_in_sync > 1:
         _warn_unsynchronized_batchnorm(self, strategy)
-        step_function = _exact_train_step(step_function, _has_cross_replica_forward(self))
+        step_function = _exact_train_step(step_function, _needs_weighted_loss(self))
     if self.steps_per_execution == 1:
-        return _UPSTREAM["_make_function"](self, step_function)
+        return _UPSTREAM["TensorFlowTrainer._make_function"](self, step_function)
     return _multi_step_function(self, step_function, strategy)
 
 
@@ -350,7 +379,30 @@ def _multi_step_function(
     return function
 
 
-# === 4. BatchNormalization under data parallelism ===
+# === 3. Symbolic build from one replica's batch ===
+
+
+def _maybe_symbolic_build(self: Any, iterator: Any = None, data_batch: Any = None) -> None:
+    strategy = self._distribute_strategy
+    if strategy is None or not is_managed(strategy):
+        return _UPSTREAM["TensorFlowTrainer._maybe_symbolic_build"](self, iterator=iterator, data_batch=data_batch)
+    if iterator is not None:
+        for _, _, step_iterator in iterator:
+            batch = next(step_iterator)
+            # Building needs shapes and dtypes only: one local replica's batch is enough.
+            data_batch = tf.nest.map_structure(
+                lambda value: strategy.experimental_local_results(value)[0]
+                if isinstance(value, tf.distribute.DistributedValues)
+                else value,
+                batch,
+            )
+            break
+    with strategy.scope():
+        self._symbolic_build(data_batch=data_batch)
+    return None
+
+
+# === 5. BatchNormalization under data parallelism ===
 
 
 def _batchnorm_layers(model: Any) -> list[Any]:
@@ -361,10 +413,14 @@ def _batchnorm_layers(model: Any) -> list[Any]:
     ]
 
 
-def _has_cross_replica_forward(model: Any) -> bool:
-    # Synchronized BatchNormalization all-reduces batch moments in the forward pass, so gradients
-    # of one replica's loss reach the others through it: the per-replica loss weights must then be
-    # applied to the loss, not after backprop. (One extra scalar all-reduce per step.)
+def _needs_weighted_loss(model: Any) -> bool:
+    # The per-replica weight n_r / N must go on the loss itself (one extra scalar all-reduce per
+    # step) when (a) synchronized BatchNormalization all-reduces batch moments in the forward
+    # pass, so gradients of one replica's loss reach the others through it; or (b) a loss-scale
+    # optimizer (mixed_float16) backpropagates in float16, where the unweighted local mean of a
+    # tiny partial batch times the loss scale overflows where the single-device loss would not.
+    if isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer):
+        return True
     return any(getattr(layer, "synchronized", False) for layer in _batchnorm_layers(model))
 
 

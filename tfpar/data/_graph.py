@@ -26,7 +26,8 @@ Two questions decide how a dataset may be sharded, and this module answers both:
   ``tf.random.set_seed`` counts as a seed), parallel ``map``/``interleave``/``batch`` with
   ``deterministic=False`` (or left at the default while ``tf.data.Options.deterministic`` is False),
   legacy ``sloppy`` interleaves, and stateful random ops (``tf.random.uniform``, ...) inside
-  ``filter``/``take_while`` predicates. Not detected: randomness hidden in ``from_generator`` or
+  ``filter``/``take_while`` predicates. A parallel ``interleave`` with ``cycle_length=AUTOTUNE``
+  (its order follows each machine's CPU count) only draws a warning. Not detected: randomness hidden in ``from_generator`` or
   ``py_function`` code, and reads of files that change between workers.
 """
 
@@ -114,7 +115,8 @@ _PREDICATE_OPS = ("FilterDataset", "TakeWhileDataset", "ExperimentalTakeWhileDat
 _IGNORE_EXTERNAL_STATE = 1  # tf.data.experimental.ExternalStatePolicy.IGNORE
 
 
-def _is(op: str, families: tuple[str, ...]) -> bool:
+def is_op(op: str, families: tuple[str, ...]) -> bool:
+    """Whether `op` is one of `families`, in any version (``MapDataset`` matches ``MapDatasetV2``)."""
     return any(op == f or re.fullmatch(re.escape(f) + r"V\d+", op) for f in families)
 
 
@@ -162,7 +164,7 @@ class _Graph:
         for node in self.graph_def.node:
             if node.op == "_Retval":
                 return node
-        raise _NotFileShardable("the serialized pipeline has no output node")
+        return None
 
     def iter_scopes(self) -> Iterator[tuple[str, list, dict]]:
         yield "", list(self.graph_def.node), self.nodes
@@ -204,7 +206,10 @@ def inspect_files(dataset: tf.data.Dataset) -> FileInfo:
     files: set[str] = set()
     counts = []
     try:
-        _walk(graph, graph.sink(), sources, caches)
+        sink = graph.sink()
+        if sink is None:
+            raise _NotFileShardable("the serialized pipeline has no output node")
+        _walk(graph, sink, sources, caches)
         for node, kind in sources:
             names = _files_of(graph, node, kind)
             files.update(names)
@@ -217,27 +222,27 @@ def inspect_files(dataset: tf.data.Dataset) -> FileInfo:
 
 def _walk(graph: _Graph, node, sources: list, caches: list) -> None:
     op = node.op
-    if _is(op, _IN_MEMORY_SOURCES):
+    if is_op(op, _IN_MEMORY_SOURCES):
         raise _NotFileShardable(
             f"its elements come from an in-memory or generated source ({op}), not from files"
         )
-    if _is(op, _MULTI_INPUT_OPS):
+    if is_op(op, _MULTI_INPUT_OPS):
         for name in node.input:
             if not name.startswith("^"):
                 _walk(graph, graph.input_node(name), sources, caches)
         return
-    if _is(op, _FUNCTION_OPS) and _reader_in_function(graph, node):
+    if is_op(op, _FUNCTION_OPS) and _reader_in_function(graph, node):
         sources.append((node, "dataset"))
         return
-    if _is(op, _READER_OPS):
+    if is_op(op, _READER_OPS):
         sources.append((node, "tensor"))
         return
-    if not _is(op, _PASS_THROUGH_OPS):
+    if not is_op(op, _PASS_THROUGH_OPS):
         raise _NotFileShardable(
             f"a {op} op lies between the files and the output, and TensorFlow's FILE rewrite "
             "cannot shard through it"
         )
-    if _is(op, ("CacheDataset",)):
+    if is_op(op, ("CacheDataset",)):
         caches.append(node)
     upstream = graph.input_node(node.input[0]) if node.input else None
     if upstream is None:
@@ -250,9 +255,9 @@ def _reader_in_function(graph: _Graph, node, depth: int = 0) -> bool:
         return False
     for name in graph.called_functions(node):
         for inner in graph.functions[name].node_def:
-            if _is(inner.op, _READER_OPS) and inner.input:
+            if is_op(inner.op, _READER_OPS) and inner.input:
                 return True
-            if _is(inner.op, _FUNCTION_OPS) and _reader_in_function(graph, inner, depth + 1):
+            if is_op(inner.op, _FUNCTION_OPS) and _reader_in_function(graph, inner, depth + 1):
                 return True
     return False
 
@@ -283,11 +288,13 @@ def _evaluate_file_list(graph: _Graph, node) -> list[str]:
         if candidate.op == "_Retval":
             del candidate.input[:]
             candidate.input.append(node.name)
+    # Read attrs with `in` checks: indexing a protobuf map inserts the key.
+    types_key = "output_types" if "output_types" in node.attr else "Toutput_types"
+    types = node.attr[types_key].list.type if types_key in node.attr else []
+    shapes = node.attr["output_shapes"].list.shape if "output_shapes" in node.attr else []
     specs = tuple(
         tf.TensorSpec(tf.TensorShape(shape), tf.as_dtype(dtype))
-        for dtype, shape in zip(
-            node.attr["output_types"].list.type, node.attr["output_shapes"].list.shape
-        )
+        for dtype, shape in zip(types, shapes)
     )
     if not specs:
         specs = (tf.TensorSpec(None, tf.string),)
@@ -310,6 +317,8 @@ def _const_value(graph: _Graph, name: str, scope: dict | None = None):
         node = graph.input_node(node.input[0], scope)
         hops += 1
     if node is None or node.op != "Const":
+        return None
+    if "value" not in node.attr:
         return None
     value = tf.make_ndarray(node.attr["value"].tensor)
     return value.item() if value.ndim == 0 else value
@@ -354,9 +363,23 @@ def find_nondeterminism(dataset: tf.data.Dataset) -> tuple[list[str], list[str]]
                         else "tf.data.Options.deterministic=False"
                     )
                     problems.append(f"{op}{where} runs in parallel with {setting}")
+            if is_op(op, ("ParallelInterleaveDataset",)) and "Targuments" in node.attr:
+                # Inputs: dataset, captured arguments, then cycle_length.
+                position = 1 + len(node.attr["Targuments"].list.type)
+                data_inputs = [i for i in node.input if not i.startswith("^")]
+                cycle_length = (
+                    _const_value(graph, data_inputs[position], scope)
+                    if position < len(data_inputs)
+                    else None
+                )
+                if cycle_length == -1:
+                    unverifiable.append(
+                        f"interleave{where} has cycle_length=AUTOTUNE, so its order follows the "
+                        "CPU count of each machine"
+                    )
             if "sloppy" in node.attr and node.attr["sloppy"].b:
                 problems.append(f"{op}{where} is a sloppy (unordered) interleave")
-            if _is(op, _PREDICATE_OPS):
+            if is_op(op, _PREDICATE_OPS):
                 for name in graph.called_functions(node):
                     if _calls_stateful_random(graph, name, set()):
                         random_predicates.add(f"{op}{where} decides with an unseeded random op")
@@ -385,3 +408,21 @@ def _calls_stateful_random(graph: _Graph, function_name: str, seen: set[str]) ->
         if node.op in graph.functions and _calls_stateful_random(graph, node.op, seen):
             return True
     return False
+
+
+def reshuffles(dataset: tf.data.Dataset) -> bool:
+    """Whether a seeded shuffle in the dataset draws a new order on every iteration.
+
+    Its random state lives in the dataset object: in one process, every iterator of that object
+    (including iterators of different shards of it) advances the same state.
+    """
+    graph = graph_of(dataset)
+    if graph is None:
+        return False
+    for _, nodes, _ in graph.iter_scopes():
+        for node in nodes:
+            if node.op in _SEEDED_OPS and node.op.startswith("Shuffle"):
+                if "reshuffle_each_iteration" in node.attr and node.attr["reshuffle_each_iteration"].b:
+                    return True
+    return False
+

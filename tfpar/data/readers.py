@@ -1,0 +1,590 @@
+"""Readers: turn what users have on disk or in memory into a ``tf.data.Dataset``.
+
+* :func:`read_images`: a folder of class sub-folders, the ``keras.utils.image_dataset_from_directory``
+  layout (``root/cat/1.jpg``, ``root/dog/7.png``), or a list of such files;
+* :func:`read_tfrecords`: TFRecord files by glob or list (``tf.train.Example`` records or raw);
+* :func:`from_numpy` / :func:`read_numpy`: arrays in memory, or ``.npy`` / ``.npz`` files;
+* :func:`write_tfrecords`: numpy arrays into N TFRecord files that :func:`read_tfrecords` reads back,
+  the fix when a dataset has fewer files than workers;
+* :func:`read`: picks one of the above from a path (for ``tfpar train --data PATH``).
+
+Every reader returns *unbatched* elements in a fixed order (sorted files, deterministic
+interleaves with a fixed ``cycle_length``), so DATA sharding and index-based splitting mean the same
+thing in every process. File readers read through TensorFlow reader datasets inside an
+``interleave`` over the file list, which is what TensorFlow's FILE sharding recognizes: image files
+are read whole with ``tf.data.FixedLengthRecordDataset`` (one record of the file's size), so
+:func:`tfpar.data.shard` and ``tf.distribute`` can give each worker its own image files. Files must
+not change size after they are listed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import tensorflow as tf
+
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
+COLOR_MODES = {"grayscale": 1, "rgb": 3, "rgba": 4}
+LABEL_MODES = ("int", "categorical", None)
+INTERPOLATIONS = ("bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5", "gaussian",
+                  "mitchellcubic")
+COMPRESSION_TYPES = (None, "", "ZLIB", "GZIP")
+# Files read concurrently. Fixed (not AUTOTUNE, which follows each machine's core count) so the
+# element order is the same on every worker.
+CYCLE_LENGTH = 8
+_SHAPE_PREFIX = "_shape/"
+
+
+def read_images(
+    source: str | Sequence[str],
+    *,
+    image_size: tuple[int, int] | None = (256, 256),
+    color_mode: Literal["grayscale", "rgb", "rgba"] = "rgb",
+    label_mode: Literal["int", "categorical"] | None = "int",
+    class_names: Sequence[str] | None = None,
+    interpolation: str = "bilinear",
+) -> tf.data.Dataset:
+    """Reads an image folder in the ``keras.utils.image_dataset_from_directory`` layout.
+
+    Classes are the sub-folders of `source` in sorted order (or `class_names`' order); images are
+    found recursively in each class folder (extensions: .bmp .gif .jpeg .jpg .png) and come out in
+    sorted order, class by class. Unlike the Keras function it returns unbatched, unshuffled
+    elements (shard, then :func:`tfpar.data.pipeline` shuffles and batches), and its file list is
+    visible to FILE sharding.
+
+    Args:
+        source: The root folder, or a list of image files whose parent folder names are their
+            classes (the form incremental training uses for newly arrived files).
+        image_size: ``(height, width)`` to resize to, or None to keep each image's size (elements
+            then cannot be batched without resizing).
+        color_mode: ``"grayscale"``, ``"rgb"`` or ``"rgba"`` (1, 3 or 4 channels).
+        label_mode: ``"int"`` (int32 class index), ``"categorical"`` (float32 one-hot) or None
+            (images only).
+        class_names: The classes in label order. Required to match the sub-folders when given;
+            with a list of files, the parent folder of every file must be one of them.
+        interpolation: Resize method, as ``tf.image.resize`` names it.
+
+    Returns:
+        A dataset of ``(image, label)`` (or ``image``), image float32 in 0..255 with shape
+        ``(height, width, channels)``.
+
+    Raises:
+        TypeError: If `source` is neither a path nor a list of paths.
+        ValueError: If the folder does not exist or holds no images, an option is invalid, or the
+            classes do not match `class_names`.
+
+    Example:
+    >>> ds = tfpar.data.read_images("/data/flowers", image_size=(64, 64))
+    >>> ds.element_spec[0].shape
+    TensorShape([64, 64, 3])
+    """
+    if color_mode not in COLOR_MODES:
+        raise ValueError(
+            f"Expected color_mode to be one of {list(COLOR_MODES)}. Received: color_mode={color_mode!r}"
+        )
+    if label_mode not in LABEL_MODES:
+        raise ValueError(
+            f"Expected label_mode to be one of {list(LABEL_MODES)}. Received: label_mode={label_mode!r}"
+        )
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(
+            f"Expected interpolation to be one of {list(INTERPOLATIONS)}. "
+            f"Received: interpolation={interpolation!r}"
+        )
+    size = _check_image_size(image_size)
+    paths, labels, names = _index_images(source, class_names)
+    sizes = np.array([os.path.getsize(p) for p in paths], dtype=np.int64)
+    empty = [p for p, s in zip(paths, sizes) if s == 0]
+    if empty:
+        raise ValueError(
+            f"Expected non-empty image files. Received {len(empty)} empty file(s): {empty[:5]}. "
+            "Remove them or finish writing them before reading."
+        )
+    channels = COLOR_MODES[color_mode]
+    num_classes = len(names)
+
+    def read_one(path, label, size_bytes):
+        # One record of the file's size: the whole file, through a reader FILE sharding sees.
+        record = tf.data.FixedLengthRecordDataset(path, record_bytes=size_bytes)
+        return record.map(lambda contents: (contents, label))
+
+    def decode(contents, label):
+        image = tf.io.decode_image(contents, channels=channels, expand_animations=False)
+        if size is None:
+            image = tf.cast(image, tf.float32)
+        else:
+            image = tf.image.resize(image, size, method=interpolation)
+            image.set_shape((*size, channels))
+        if label_mode is None:
+            return image
+        if label_mode == "categorical":
+            return image, tf.one_hot(label, num_classes, dtype=tf.float32)
+        return image, label
+
+    files = tf.data.Dataset.from_tensor_slices((paths, np.array(labels, np.int32), sizes))
+    records = files.interleave(
+        read_one,
+        cycle_length=CYCLE_LENGTH,
+        block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    return records.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def image_class_names(source: str | Sequence[str]) -> list[str]:
+    """Returns the class names :func:`read_images` would use for `source`.
+
+    Example:
+    >>> tfpar.data.image_class_names("/data/flowers")
+    ['daisy', 'roses', 'tulips']
+    """
+    return _index_images(source, None)[2]
+
+
+def read_tfrecords(
+    files: str | Sequence[str],
+    *,
+    features: Mapping[str, Any] | Literal["infer"] | None = None,
+    parse_fn: Callable[[tf.Tensor], Any] | None = None,
+    compression_type: str | None = None,
+) -> tf.data.Dataset:
+    """Reads TFRecord files given by glob(s) or paths, in sorted order, files interleaved.
+
+    Args:
+        files: A glob such as ``"/data/train-*.tfrecord"``, a path, or a list of them.
+        features: How to parse ``tf.train.Example`` records: a mapping for
+            ``tf.io.parse_single_example`` (``{"x": tf.io.FixedLenFeature([64], tf.float32)}``),
+            ``"infer"`` to build it from the first record (shapes written by
+            :func:`write_tfrecords` are restored), or None.
+        parse_fn: Instead of `features`, a function from one serialized record to an element.
+        compression_type: None / ``""``, ``"ZLIB"`` or ``"GZIP"``.
+
+    Returns:
+        Parsed elements (a dict of tensors with `features`), or raw serialized records.
+
+    Raises:
+        TypeError: If `files` is not a string or a list of strings, or `parse_fn` is not callable.
+        ValueError: If nothing matches, both `features` and `parse_fn` are given, or an option is
+            invalid.
+
+    Example:
+    >>> ds = tfpar.data.read_tfrecords("/data/train-*.tfrecord", features="infer")
+    """
+    if features is not None and parse_fn is not None:
+        raise ValueError(
+            "Pass either `features` or `parse_fn`, not both. "
+            f"Received: features={features!r}, parse_fn={parse_fn!r}"
+        )
+    if parse_fn is not None and not callable(parse_fn):
+        raise TypeError(f"Expected `parse_fn` to be callable. Received: parse_fn={parse_fn!r}")
+    if features is not None and features != "infer" and not isinstance(features, Mapping):
+        raise TypeError(
+            "Expected `features` to be a mapping of name -> tf.io.FixedLenFeature/VarLenFeature, "
+            f"'infer' or None. Received: features={features!r}"
+        )
+    if compression_type not in COMPRESSION_TYPES:
+        raise ValueError(
+            f"Expected compression_type to be one of {list(COMPRESSION_TYPES)}. "
+            f"Received: compression_type={compression_type!r}"
+        )
+    paths = expand_files(files)
+    if features == "infer":
+        features = infer_features(paths[0], compression_type=compression_type)
+    compression = compression_type or ""
+
+    def read_one(path):
+        return tf.data.TFRecordDataset(path, compression_type=compression)
+
+    records = tf.data.Dataset.from_tensor_slices(paths).interleave(
+        read_one,
+        cycle_length=min(len(paths), CYCLE_LENGTH),
+        block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    if features is not None:
+        spec = dict(features)
+        return records.map(
+            lambda record: tf.io.parse_single_example(record, spec),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+    if parse_fn is not None:
+        return records.map(parse_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return records
+
+
+def expand_files(files: str | Sequence[str]) -> list[str]:
+    """Expands globs and paths into a sorted list of distinct existing files.
+
+    Raises:
+        TypeError: If `files` is not a string or a sequence of strings.
+        ValueError: If nothing matches.
+
+    Example:
+    >>> tfpar.data.readers.expand_files("/data/train-*.tfrecord")
+    ['/data/train-0.tfrecord', '/data/train-1.tfrecord']
+    """
+    patterns = [files] if isinstance(files, (str, os.PathLike)) else files
+    if not isinstance(patterns, Sequence) or not all(
+        isinstance(p, (str, os.PathLike)) for p in patterns
+    ):
+        raise TypeError(
+            "Expected a glob, a path, or a list of them. "
+            f"Received: files={files!r} (of type {type(files).__name__})"
+        )
+    found: set[str] = set()
+    for pattern in patterns:
+        found.update(p for p in tf.io.gfile.glob(os.fspath(pattern)) if not tf.io.gfile.isdir(p))
+    if not found:
+        raise ValueError(
+            f"No files match {files!r}. Check the path and the glob (e.g. '/data/train-*.tfrecord')."
+        )
+    return sorted(found)
+
+
+def infer_features(path: str, *, compression_type: str | None = None) -> dict[str, Any]:
+    """Builds a ``tf.io.parse_single_example`` spec from the first record of a TFRecord file.
+
+    Each feature becomes a ``FixedLenFeature`` of its length in that record (float32, int64 or
+    string); a shape written by :func:`write_tfrecords` (feature ``_shape/<name>``) is restored.
+
+    Raises:
+        ValueError: If the file is empty or its first record is not a ``tf.train.Example``.
+
+    Example:
+    >>> tfpar.data.readers.infer_features("/data/digits-00000-of-00004.tfrecord")
+    {'x': FixedLenFeature(shape=[8, 8, 1], dtype=tf.float32, default_value=None), ...}
+    """
+    records = tf.data.TFRecordDataset(path, compression_type=compression_type or "")
+    first = next(iter(records.take(1)), None)
+    if first is None:
+        raise ValueError(f"Cannot infer features from an empty file. Received: path={path!r}")
+    example = tf.train.Example()
+    try:
+        example.ParseFromString(first.numpy())
+    except Exception as error:  # protobuf raises its own DecodeError
+        raise ValueError(
+            f"The first record of {path!r} is not a tf.train.Example, so its features cannot be "
+            "inferred. Pass features= or parse_fn= to tfpar.data.read_tfrecords."
+        ) from error
+    spec: dict[str, Any] = {}
+    found = example.features.feature
+    for name in sorted(found):
+        if name.startswith(_SHAPE_PREFIX):
+            continue
+        feature = found[name]
+        kind = feature.WhichOneof("kind")
+        if kind is None:
+            raise ValueError(f"Feature {name!r} of {path!r} has no value; cannot infer its type.")
+        values = getattr(feature, kind).value
+        dtype = {"float_list": tf.float32, "int64_list": tf.int64, "bytes_list": tf.string}[kind]
+        shape = [len(values)]
+        if _SHAPE_PREFIX + name in found:
+            shape = list(found[_SHAPE_PREFIX + name].int64_list.value)
+        spec[name] = tf.io.FixedLenFeature(shape, dtype)
+    if not spec:
+        raise ValueError(f"The first record of {path!r} has no features to infer.")
+    return spec
+
+
+def write_tfrecords(
+    arrays: Mapping[str, np.ndarray],
+    directory: str,
+    *,
+    num_files: int,
+    prefix: str = "data",
+    compression_type: str | None = None,
+) -> list[str]:
+    """Writes arrays as ``tf.train.Example`` records into `num_files` TFRecord files.
+
+    Row ``i`` of every array goes to file ``i % num_files``, so each file holds an even spread of
+    the data (every class, if the rows were sorted by class). Read them back with
+    ``tfpar.data.read_tfrecords(paths, features="infer")``.
+
+    Args:
+        arrays: Same-length arrays by feature name, e.g. ``{"x": images, "y": labels}``. Floats are
+            stored as float32, integers and bools as int64, strings/bytes as bytes.
+        directory: Folder to write into (created if missing).
+        num_files: Number of files, at most the number of rows.
+        prefix: File name prefix: ``<prefix>-00000-of-00004.tfrecord``.
+        compression_type: None / ``""``, ``"ZLIB"`` or ``"GZIP"``.
+
+    Returns:
+        The paths written, in order.
+
+    Raises:
+        TypeError: If `arrays` is not a mapping of arrays or `num_files` is not an int.
+        ValueError: If the arrays are empty or differ in length, or `num_files` is out of range.
+
+    Example:
+    >>> images, labels = tfpar.datasets.load_digits()
+    >>> paths = tfpar.data.write_tfrecords({"x": images, "y": labels}, "/tmp/digits", num_files=8)
+    """
+    columns = _check_arrays(arrays)
+    rows = len(next(iter(columns.values())))
+    if isinstance(num_files, bool) or not isinstance(num_files, int):
+        raise TypeError(
+            f"Expected `num_files` to be an int. Received: num_files={num_files!r} "
+            f"(of type {type(num_files).__name__})"
+        )
+    if not 1 <= num_files <= rows:
+        raise ValueError(
+            f"Expected 1 <= num_files <= {rows} (the number of rows). Received: num_files={num_files}"
+        )
+    if compression_type not in COMPRESSION_TYPES:
+        raise ValueError(
+            f"Expected compression_type to be one of {list(COMPRESSION_TYPES)}. "
+            f"Received: compression_type={compression_type!r}"
+        )
+    tf.io.gfile.makedirs(directory)
+    paths = [
+        os.path.join(directory, f"{prefix}-{k:05d}-of-{num_files:05d}.tfrecord")
+        for k in range(num_files)
+    ]
+    options = tf.io.TFRecordOptions(compression_type=compression_type or "")
+    writers = [tf.io.TFRecordWriter(p, options=options) for p in paths]
+    try:
+        for i in range(rows):
+            writers[i % num_files].write(_example(columns, i))
+    finally:
+        for writer in writers:
+            writer.close()
+    return paths
+
+
+def from_numpy(
+    x: np.ndarray | Mapping[str, np.ndarray],
+    y: np.ndarray | Mapping[str, np.ndarray] | None = None,
+    *,
+    sample_weight: np.ndarray | None = None,
+) -> tf.data.Dataset:
+    """Slices in-memory arrays into a dataset of ``x``, ``(x, y)`` or ``(x, y, sample_weight)``.
+
+    In-memory data has no files, so it is DATA-sharded. Arrays are embedded in the dataset's graph;
+    for data larger than about 1 GB write TFRecords with :func:`write_tfrecords` instead.
+
+    Raises:
+        TypeError: If an argument is not an array (or a mapping of arrays for `x` / `y`).
+        ValueError: If the arrays are empty or differ in length.
+
+    Example:
+    >>> images, labels = tfpar.datasets.load_digits()
+    >>> ds = tfpar.data.from_numpy(images, labels)
+    """
+    parts: list[Any] = [x] + ([y] if y is not None else [])
+    if sample_weight is not None:
+        if y is None:
+            raise ValueError("`sample_weight` needs `y`. Received: y=None with sample_weight given.")
+        parts.append(sample_weight)
+    names = ["x", "y", "sample_weight"]
+    lengths = {}
+    for name, part in zip(names, parts):
+        columns = part if isinstance(part, Mapping) else {name: part}
+        for key, column in columns.items():
+            if not isinstance(column, (np.ndarray, list, tuple)) and not tf.is_tensor(column):
+                raise TypeError(
+                    f"Expected `{name}` to be an array or a mapping of arrays. "
+                    f"Received: {name}={type(column).__name__}"
+                )
+            lengths[key if isinstance(part, Mapping) else name] = len(column)
+    if len(set(lengths.values())) != 1 or 0 in lengths.values():
+        raise ValueError(
+            f"Expected non-empty arrays of one length. Received lengths: {lengths}"
+        )
+    elements = parts[0] if len(parts) == 1 else tuple(parts)
+    return tf.data.Dataset.from_tensor_slices(elements)
+
+
+def read_numpy(path: str, *, x_key: str = "x", y_key: str | None = "y") -> tf.data.Dataset:
+    """Reads a ``.npy`` file (``x`` only) or a ``.npz`` archive (``x`` and, if present, ``y``).
+
+    Raises:
+        ValueError: If the file type is not .npy/.npz, or `x_key` is missing from the archive.
+
+    Example:
+    >>> ds = tfpar.data.read_numpy("/data/train.npz")
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"Expected an existing .npy or .npz file. Received: path={path!r}")
+    if path.endswith(".npy"):
+        return from_numpy(np.load(path))
+    if not path.endswith(".npz"):
+        raise ValueError(f"Expected a path ending in .npy or .npz. Received: path={path!r}")
+    with np.load(path) as archive:
+        if x_key not in archive:
+            raise ValueError(
+                f"Expected array {x_key!r} in {path!r}; it holds {sorted(archive.files)}. "
+                f"Pass x_key=. Received: x_key={x_key!r}"
+            )
+        x = archive[x_key]
+        y = archive[y_key] if y_key is not None and y_key in archive else None
+    return from_numpy(x, y)
+
+
+def read(path: str, **options: Any) -> tf.data.Dataset:
+    """Reads `path` with the reader that fits it.
+
+    * a folder of class sub-folders with images -> :func:`read_images`;
+    * a ``.npy`` / ``.npz`` file -> :func:`read_numpy`;
+    * a folder of ``*.tfrecord`` files, a TFRecord file or a glob -> :func:`read_tfrecords` with
+      ``features="infer"`` unless `options` say otherwise.
+
+    Args:
+        path: The path or glob.
+        **options: Passed to the chosen reader.
+
+    Raises:
+        ValueError: If nothing readable is found, listing what was looked for.
+
+    Example:
+    >>> ds = tfpar.data.read("/data/flowers", image_size=(64, 64))
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"Expected a path. Received: path={path!r} (of type {type(path).__name__})")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        subdirs = [d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d))]
+        if subdirs:
+            return read_images(path, **options)
+        records = tf.io.gfile.glob(os.path.join(path, "*.tfrecord*"))
+        if records:
+            options.setdefault("features", None if "parse_fn" in options else "infer")
+            return read_tfrecords(records, **options)
+        raise ValueError(
+            f"Found neither class sub-folders of images nor *.tfrecord files in {path!r}. "
+            "Expected the keras image_dataset_from_directory layout, TFRecord files, or a "
+            ".npy/.npz file."
+        )
+    if path.endswith((".npy", ".npz")):
+        return read_numpy(path, **options)
+    options.setdefault("features", None if "parse_fn" in options else "infer")
+    return read_tfrecords(path, **options)
+
+
+# === internals ===
+
+
+def _check_image_size(image_size: object) -> tuple[int, int] | None:
+    if image_size is None:
+        return None
+    if (
+        not isinstance(image_size, (tuple, list))
+        or len(image_size) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in image_size)
+    ):
+        raise ValueError(
+            "Expected image_size to be (height, width) with positive ints, or None. "
+            f"Received: image_size={image_size!r}"
+        )
+    return int(image_size[0]), int(image_size[1])
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _index_images(
+    source: str | Sequence[str], class_names: Sequence[str] | None
+) -> tuple[list[str], list[int], list[str]]:
+    if class_names is not None and (
+        isinstance(class_names, str) or not all(isinstance(c, str) for c in class_names)
+    ):
+        raise TypeError(f"Expected class_names to be a list of strings. Received: {class_names!r}")
+    if isinstance(source, (str, os.PathLike)):
+        root = os.fspath(source)
+        if not os.path.isdir(root):
+            raise ValueError(f"Expected an existing directory. Received: source={root!r}")
+        folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        if class_names is not None and set(class_names) != set(folders):
+            raise ValueError(
+                f"Expected class_names to match the sub-folders of {root!r}: {folders}. "
+                f"Received: class_names={list(class_names)}"
+            )
+        names = list(class_names) if class_names is not None else folders
+        paths: list[str] = []
+        labels: list[int] = []
+        for label, name in enumerate(names):
+            found = []
+            for folder, _, files in os.walk(os.path.join(root, name)):
+                found.extend(os.path.join(folder, f) for f in files if _is_image(f))
+            paths.extend(sorted(found))
+            labels.extend([label] * len(found))
+        where = f"the class sub-folders of {root!r}"
+    elif isinstance(source, Sequence) and all(isinstance(p, (str, os.PathLike)) for p in source):
+        paths = sorted(os.fspath(p) for p in source)
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise ValueError(f"Expected existing image files. Received missing files: {missing[:5]}")
+        parents = [os.path.basename(os.path.dirname(p)) for p in paths]
+        names = list(class_names) if class_names is not None else sorted(set(parents))
+        unknown = sorted(set(parents) - set(names))
+        if unknown:
+            raise ValueError(
+                f"Every file's parent folder must be one of class_names={names}. Received files "
+                f"in unknown classes: {unknown}. Pass the full class_names list."
+            )
+        not_images = [p for p in paths if not _is_image(p)]
+        if not_images:
+            raise ValueError(
+                f"Expected image files ({', '.join(IMAGE_EXTENSIONS)}). Received: {not_images[:5]}"
+            )
+        labels = [names.index(p) for p in parents]
+        where = "the given list"
+    else:
+        raise TypeError(
+            "Expected a directory path or a list of image file paths. "
+            f"Received: source={source!r} (of type {type(source).__name__})"
+        )
+    if not paths:
+        raise ValueError(
+            f"Found no images ({', '.join(IMAGE_EXTENSIONS)}) in {where}. Expected "
+            "root/<class name>/<image files>, the keras image_dataset_from_directory layout."
+        )
+    return paths, labels, names
+
+
+def _check_arrays(arrays: object) -> dict[str, np.ndarray]:
+    if not isinstance(arrays, Mapping) or not arrays:
+        raise TypeError(
+            "Expected a non-empty mapping of feature name -> array, e.g. {'x': x, 'y': y}. "
+            f"Received: arrays={type(arrays).__name__}"
+        )
+    columns = {str(k): np.asarray(v) for k, v in arrays.items()}
+    bad = [k for k in columns if k.startswith(_SHAPE_PREFIX)]
+    if bad:
+        raise ValueError(f"Feature names may not start with {_SHAPE_PREFIX!r}. Received: {bad}")
+    lengths = {k: (len(v) if v.ndim else 0) for k, v in columns.items()}
+    if len(set(lengths.values())) != 1 or 0 in lengths.values():
+        raise ValueError(f"Expected non-empty arrays of one length. Received lengths: {lengths}")
+    for key, column in columns.items():
+        if column.dtype.kind not in "fiubSUO":
+            raise TypeError(
+                f"Expected numeric, bool or string arrays. Received: {key} of dtype {column.dtype}"
+            )
+    return columns
+
+
+def _example(columns: dict[str, np.ndarray], row: int) -> bytes:
+    feature = {}
+    for key, column in columns.items():
+        value = column[row]
+        flat = np.asarray(value).reshape(-1)
+        kind = column.dtype.kind
+        if kind == "f":
+            feature[key] = tf.train.Feature(float_list=tf.train.FloatList(value=flat))
+        elif kind in "iub":
+            feature[key] = tf.train.Feature(int64_list=tf.train.Int64List(value=flat.astype(np.int64)))
+        else:
+            data = [v if isinstance(v, bytes) else str(v).encode() for v in flat]
+            feature[key] = tf.train.Feature(bytes_list=tf.train.BytesList(value=data))
+        shape = np.shape(value)
+        if len(shape) != 1:
+            feature[_SHAPE_PREFIX + key] = tf.train.Feature(
+                int64_list=tf.train.Int64List(value=list(shape))
+            )
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()

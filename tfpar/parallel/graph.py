@@ -171,12 +171,13 @@ def from_model(model: Any) -> LayerGraph:
             "Expected a keras.Model (Functional or Sequential). "
             f"Received: model={model!r} (of type {type(model).__name__})"
         )
+    config = model_config(model)
     if not model.built:
         raise ValueError(
             f"Expected a built model; {model.name!r} has no input shape yet. Received: "
             f"model.built=False. Fix: start it with keras.Input(shape) or call model.build(shape)."
         )
-    graph = from_config(model_config(model))
+    graph = from_config(config)
     return dataclasses.replace(graph, specs=_complete_specs(graph, model))
 
 

@@ -1,0 +1,228 @@
+"""Split models: placement, equivalence with the unsplit model, micro-batches, Keras workflows."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfpar
+import tfpar.models
+from tfpar.parallel import plan as make_plan
+from tfpar.parallel import split
+
+
+def _sequential():
+    keras.utils.set_random_seed(1)
+    return keras.Sequential(
+        [
+            keras.Input((6,), name="features"),
+            keras.layers.Dense(16, activation="relu", name="dense_a"),
+            keras.layers.Dense(16, activation="tanh", name="dense_b"),
+            keras.layers.Dense(8, activation="relu", name="dense_c"),
+            keras.layers.Dense(3, name="logits"),
+        ],
+        name="mlp",
+    )
+
+
+def _branchy(batch_norm=True):
+    """Two inputs, a branch, a skip connection across stages and BatchNormalization."""
+    keras.utils.set_random_seed(2)
+    a = keras.Input((8,), name="a")
+    b = keras.Input((4,), name="b")
+    left = keras.layers.Dense(12, activation="relu", name="left")(a)
+    right = keras.layers.Dense(12, name="right")(a)
+    x = keras.layers.Add(name="add")([left, right])
+    if batch_norm:
+        x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.Dense(12, activation="relu", name="mid")(x)
+    x = keras.layers.Concatenate(name="cat")([x, left, b])
+    out = keras.layers.Dense(2, name="out")(x)
+    return keras.Model([a, b], out, name="branchy")
+
+
+def _grads(model, x, y_fn, training=True):
+    with tf.GradientTape() as tape:
+        y = model(x, training=training)
+        loss = y_fn(y)
+    return y, tape.gradient(loss, model.trainable_variables)
+
+
+def _assert_close_grads(g1, g2, rtol=1e-5):
+    g1 = [tf.convert_to_tensor(g).numpy() for g in g1]  # IndexedSlices (Embedding) to dense
+    g2 = [tf.convert_to_tensor(g).numpy() for g in g2]
+    assert len(g1) == len(g2)
+    scale = max(float(np.abs(g).max()) for g in g1)
+    for a, b in zip(g1, g2):
+        np.testing.assert_allclose(a, b, atol=rtol * scale, rtol=0)
+
+
+@pytest.mark.parametrize("microbatches", [1, 3])
+def test_sequential_outputs_gradients_and_placement(microbatches, virtual_devices):
+    model = _sequential()
+    before = [w.numpy().copy() for w in model.weights]
+    plan = make_plan(model, virtual_devices[:3], balance=[1, 2, 1])
+    placed = split(model, plan, microbatches=microbatches)
+    assert isinstance(placed, keras.Model) and placed is not model
+    assert [layer.name for layer in placed.layers] == [layer.name for layer in model.layers]
+    assert [w.path for w in placed.weights] == [f"{w.path.split('/', 1)[1]}" for w in model.weights]
+    assert placed.weights[0].path == "dense_a/kernel"
+    for layer in placed.layers:
+        for w in layer.weights:
+            assert w.value.device.endswith(plan.stage_of(layer.name).device)
+    x = np.random.default_rng(0).normal(size=(7, 6)).astype("float32")  # 7 does not divide by 3
+    np.testing.assert_allclose(placed(x), model(x), rtol=1e-6, atol=1e-6)
+    y_ref, g_ref = _grads(model, x, lambda y: tf.reduce_sum(y**2))
+    y_new, g_new = _grads(placed, x, lambda y: tf.reduce_sum(y**2))
+    np.testing.assert_allclose(y_new, y_ref, rtol=1e-6, atol=1e-6)
+    _assert_close_grads(g_ref, g_new)
+    for old, w in zip(before, model.weights):
+        np.testing.assert_array_equal(old, w.numpy())  # the original is not modified
+
+
+def test_functional_branches_skip_connections_two_inputs(virtual_devices):
+    model = _branchy(batch_norm=False)
+    # 'left' (stage 0) feeds 'cat' (stage 2), and input 'b' goes straight to stage 2.
+    placed = split(model, make_plan(model, virtual_devices[:3], split_points=["add", "cat"]), microbatches=2)
+    rng = np.random.default_rng(1)
+    x = [rng.normal(size=(6, 8)).astype("float32"), rng.normal(size=(6, 4)).astype("float32")]
+    np.testing.assert_allclose(placed(x), model(x), rtol=1e-6, atol=1e-6)
+    _, g_ref = _grads(model, x, lambda y: tf.reduce_sum(tf.sin(y)))
+    _, g_new = _grads(placed, x, lambda y: tf.reduce_sum(tf.sin(y)))
+    _assert_close_grads(g_ref, g_new)
+    received = placed._wiring.receives
+    assert {r.layer for r in received[2]} >= {"left", "b"}
+
+
+def test_batch_norm_full_batch_is_exact_and_microbatch_is_not(virtual_devices):
+    model = _branchy(batch_norm=True)
+    rng = np.random.default_rng(3)
+    x = [rng.normal(size=(8, 8)).astype("float32"), rng.normal(size=(8, 4)).astype("float32")]
+    plan = make_plan(model, virtual_devices[:2], split_points=["bn"])
+    exact = split(model, plan, microbatches=4)
+    per_mb = split(model, plan, microbatches=4, batch_norm="microbatch")
+    y_ref, g_ref = _grads(model, x, lambda y: tf.reduce_sum(y**2))
+    y_exact, g_exact = _grads(exact, x, lambda y: tf.reduce_sum(y**2))
+    y_mb, _ = _grads(per_mb, x, lambda y: tf.reduce_sum(y**2))
+    np.testing.assert_allclose(y_exact, y_ref, rtol=1e-5, atol=1e-5)
+    _assert_close_grads(g_ref, g_exact)
+    # Moving statistics after one training step equal the unsplit model's.
+    for name in ("moving_mean", "moving_variance"):
+        ref = [w for w in model.get_layer("bn").weights if w.name == name][0]
+        new = [w for w in exact.get_layer("bn").weights if w.name == name][0]
+        np.testing.assert_allclose(new.numpy(), ref.numpy(), rtol=1e-5, atol=1e-6)
+    assert float(np.abs(np.asarray(y_mb) - np.asarray(y_ref)).max()) > 1e-3
+
+
+def test_resnet50_cut_carries_several_tensors(virtual_devices):
+    keras.utils.set_random_seed(4)
+    model = tfpar.models.resnet50(input_shape=(32, 32, 3), num_classes=5)
+    plan = make_plan(model, virtual_devices)
+    placed = split(model, plan, microbatches=2)
+    assert max(len(r) for r in placed._wiring.receives) >= 2
+    x = np.random.default_rng(4).normal(size=(4, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(placed(x, training=False), model(x, training=False), rtol=1e-5, atol=1e-6)
+    _, g_ref = _grads(model, x, lambda y: tf.reduce_sum(y[:, :2]))
+    _, g_new = _grads(placed, x, lambda y: tf.reduce_sum(y[:, :2]))
+    _assert_close_grads(g_ref, g_new, rtol=1e-4)
+
+
+def test_fit_evaluate_predict_match_the_unsplit_model_and_slots_are_placed(virtual_devices):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(40, 6)).astype("float32")
+    y = rng.integers(0, 3, size=(40,))
+    reference = _sequential()
+    placed = split(reference, virtual_devices[:2], microbatches=2)
+    for m in (reference, placed):
+        m.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+        m.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)  # 40 = 16 + 16 + 8
+    for a, b in zip(reference.weights, placed.weights):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(placed.evaluate(x, y, verbose=0), reference.evaluate(x, y, verbose=0), rtol=1e-5)
+    np.testing.assert_allclose(placed.predict(x, verbose=0), reference.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+    # Optimizer slots live with their variables, on the stage devices.
+    devices = {v.value.device.split("/device:")[-1] for v in placed.optimizer.variables if "momentum" in v.path}
+    assert devices == {d.split("/device:")[-1] for d in placed.plan.devices}
+
+
+def test_save_load_and_weights_roundtrip(tmp_path, virtual_devices):
+    model = _branchy()
+    placed = split(model, virtual_devices[:3], microbatches=2)
+    placed.compile(optimizer="adam", loss="mse")
+    rng = np.random.default_rng(6)
+    x = [rng.normal(size=(6, 8)).astype("float32"), rng.normal(size=(6, 4)).astype("float32")]
+    placed.fit(x, rng.normal(size=(6, 2)), epochs=1, verbose=0)
+    path = str(tmp_path / "placed.keras")
+    placed.save(path)
+    loaded = keras.models.load_model(path)
+    assert type(loaded) is type(placed) and loaded.microbatches == 2
+    assert loaded.plan == placed.plan
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), placed.predict(x, verbose=0), rtol=1e-6)
+    assert loaded.get_layer("out").kernel.value.device.endswith(placed.plan.stage_of("out").device)
+    loaded.fit(x, rng.normal(size=(6, 2)), epochs=1, verbose=0)  # compiled on load
+    weights = str(tmp_path / "placed.weights.h5")
+    placed.save_weights(weights)
+    fresh = split(model, placed.plan)
+    fresh.load_weights(weights)
+    np.testing.assert_allclose(fresh.predict(x, verbose=0), placed.predict(x, verbose=0), rtol=1e-6)
+
+
+def test_integer_inputs_and_more_microbatches_than_examples(virtual_devices):
+    keras.utils.set_random_seed(7)
+    model = keras.Sequential([
+        keras.Input((5,), dtype="int32"),
+        keras.layers.Embedding(20, 4, name="embed"),
+        keras.layers.GlobalAveragePooling1D(name="pool"),
+        keras.layers.Dense(2, name="head"),
+    ])
+    placed = split(model, virtual_devices[:2], microbatches=4)
+    x = np.random.default_rng(7).integers(0, 20, size=(2, 5)).astype("int32")  # batch 2 < 4
+    np.testing.assert_allclose(placed(x), model(x), rtol=1e-6, atol=1e-6)
+    _, g_ref = _grads(model, x, lambda y: tf.reduce_sum(y**2))
+    _, g_new = _grads(placed, x, lambda y: tf.reduce_sum(y**2))
+    _assert_close_grads(g_ref, g_new)
+
+
+def test_auto_microbatches_measures_and_keeps_state(virtual_devices):
+    model = _branchy()
+    placed = split(model, virtual_devices[:2], microbatches="auto", batch_size=8)
+    timings = placed.microbatch_timings
+    assert sorted(timings) == [1, 2, 4, 8]
+    assert placed.microbatches == min(timings, key=lambda m: (timings[m], m))
+    for a, b in zip(model.weights, placed.weights):  # tuning ran training steps, then restored
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_data_parallel_scope_is_refused_with_a_clear_error(virtual_devices):
+    model = _sequential()
+    with tfpar.scope("mirrored", devices=virtual_devices[:2]):
+        with pytest.raises(RuntimeError, match=r"(?s)Cannot call tfpar.parallel.split\(\) inside.*MirroredStrategy with 2"):
+            split(model, virtual_devices[2:])
+    placed = split(model, virtual_devices[2:])
+    placed.compile(optimizer="sgd", loss="mse")
+    x = np.zeros((4, 6), "float32")
+    with tfpar.scope("mirrored", devices=virtual_devices[:2]):
+        with pytest.raises(RuntimeError, match="Cannot run a split model inside"):
+            placed.fit(x, np.zeros((4, 3)), verbose=0)
+    with tfpar.scope("default"):
+        placed.fit(x, np.zeros((4, 3)), verbose=0)
+
+
+def test_errors(virtual_devices):
+    model = _sequential()
+    other = make_plan(_branchy(), virtual_devices[:2])
+    with pytest.raises(ValueError, match=r"not a layer|Received: 'left'"):
+        split(model, other)
+    with pytest.raises(ValueError, match=r"batch_norm to be one of \['full_batch', 'microbatch'\]"):
+        split(model, virtual_devices[:2], batch_norm="sync")
+    with pytest.raises(TypeError, match="microbatches to be an int"):
+        split(model, virtual_devices[:2], microbatches=2.0)
+    with pytest.raises(TypeError, match="Plan options are only accepted with devices"):
+        split(model, make_plan(model, virtual_devices[:2]), balance="params")
+    placed = split(model, virtual_devices[:2])
+    with pytest.warns(UserWarning, match="jit_compile"):
+        placed.compile(optimizer="sgd", loss="mse", jit_compile=True)
+    assert placed.jit_compile is False

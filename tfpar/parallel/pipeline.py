@@ -1,0 +1,172 @@
+"""Micro-batch pipelining (GPipe): the schedule, its bubble, and batch slicing inside a step.
+
+With ``m`` micro-batches over ``p`` stages, GPipe runs the forward passes of all micro-batches
+through the stages, then the backward passes in reverse; stage ``s`` works on micro-batch ``i``
+while stage ``s + 1`` works on ``i - 1``. Each stage is idle for ``p - 1`` of its ``m + p - 1``
+slots, the *bubble* ``(p - 1) / (m + p - 1)`` (Huang et al., arXiv:1811.06965, section 2.3).
+
+tfpar does not run a hand-written scheduler: a split model cuts the batch into micro-batches inside
+one traced step, and TensorFlow's dataflow executor starts each (stage, micro-batch) as soon as its
+inputs exist, which is exactly the GPipe order. :func:`schedule` and :func:`simulate` model that
+order so plans can predict the bubble and step time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import tensorflow as tf
+
+AUTO = "auto"
+AUTO_CANDIDATES = (1, 2, 4, 8, 16)
+
+
+def check_microbatches(microbatches: Any, *, allow_none: bool = False) -> None:
+    """Raises TypeError/ValueError unless `microbatches` is an int >= 1 or ``"auto"``."""
+    if microbatches is None and allow_none:
+        return
+    if microbatches == AUTO and isinstance(microbatches, str):
+        return
+    if isinstance(microbatches, bool) or not isinstance(microbatches, int):
+        raise TypeError(
+            "Expected microbatches to be an int >= 1 or 'auto'. "
+            f"Received: microbatches={microbatches!r} (of type {type(microbatches).__name__})"
+        )
+    if microbatches < 1:
+        raise ValueError(f"Expected microbatches >= 1 or 'auto'. Received: microbatches={microbatches}")
+
+
+def bubble_fraction(num_stages: int, microbatches: int) -> float:
+    """GPipe's idle fraction ``(p - 1) / (m + p - 1)`` of ``p`` stages and ``m`` micro-batches.
+
+    Example:
+    >>> tfpar.parallel.bubble_fraction(4, 8)
+    0.2727272727272727
+    """
+    for name, value in (("num_stages", num_stages), ("microbatches", microbatches)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"Expected {name} to be an int >= 1. Received: {name}={value!r}")
+    return (num_stages - 1) / (microbatches + num_stages - 1)
+
+
+def schedule(num_stages: int, microbatches: int) -> list[list[tuple[str, int] | None]]:
+    """The GPipe timetable with unit-time slots: ``table[stage][slot]`` is ``(phase, mb)`` or None.
+
+    Forward slots ``("F", i)`` come first, then backward slots ``("B", i)`` in reverse order;
+    stage ``s`` runs forward micro-batch ``i`` at slot ``s + i`` and backward micro-batch ``i`` at
+    slot ``(m + p - 1) + (p - 1 - s) + (m - 1 - i)``.
+
+    Example:
+    >>> tfpar.parallel.pipeline.schedule(2, 2)[0]
+    [('F', 0), ('F', 1), None, None, ('B', 1), ('B', 0)]
+    """
+    bubble_fraction(num_stages, microbatches)  # validates
+    p, m = num_stages, microbatches
+    forward_slots = m + p - 1
+    table: list[list[tuple[str, int] | None]] = [[None] * (2 * forward_slots) for _ in range(p)]
+    for s in range(p):
+        for i in range(m):
+            table[s][s + i] = ("F", i)
+            table[s][forward_slots + (p - 1 - s) + (m - 1 - i)] = ("B", i)
+    return table
+
+
+@dataclasses.dataclass(frozen=True)
+class Simulation:
+    """Result of :func:`simulate`: step makespan and the idle fraction of the stage-time."""
+
+    makespan: float
+    bubble: float
+
+
+def simulate(stage_times: Sequence[float], microbatches: int, *, backward_ratio: float = 2.0) -> Simulation:
+    """Simulates one GPipe step of stages with given full-batch forward times.
+
+    Each stage spends ``t / m`` per micro-batch forward and ``backward_ratio * t / m`` backward; a
+    (stage, micro-batch) starts when its input and its stage are free, as in TensorFlow's executor.
+
+    Args:
+        stage_times: Forward time (any unit) of each stage for the whole batch.
+        microbatches: Micro-batches ``m``.
+        backward_ratio: Backward time over forward time.
+
+    Returns:
+        The makespan (same unit) and ``1 - busy / (p * makespan)``; with equal stage times the
+        latter is exactly :func:`bubble_fraction`.
+
+    Example:
+    >>> tfpar.parallel.pipeline.simulate([1.0, 1.0], 4).bubble
+    0.2
+    """
+    p, m = len(stage_times), microbatches
+    bubble_fraction(max(p, 1), m)
+    fwd = [t / m for t in stage_times]
+    bwd = [backward_ratio * t / m for t in stage_times]
+    free = [0.0] * p
+    done = [[0.0] * m for _ in range(p)]
+    for i in range(m):
+        for s in range(p):
+            start = max(free[s], done[s - 1][i] if s else 0.0)
+            done[s][i] = free[s] = start + fwd[s]
+    back = [[0.0] * m for _ in range(p)]
+    for i in reversed(range(m)):
+        for s in reversed(range(p)):
+            ready = back[s + 1][i] if s + 1 < p else done[p - 1][m - 1]
+            start = max(free[s], ready)
+            back[s][i] = free[s] = start + bwd[s]
+    makespan = max(free)
+    busy = sum(stage_times) * (1 + backward_ratio)
+    return Simulation(makespan, 1 - busy / (p * makespan) if makespan > 0 else 0.0)
+
+
+def microbatch_bounds(batch: tf.Tensor, microbatches: int) -> list[tf.Tensor]:
+    """Start offsets ``floor(i * B / m)`` for ``i = 0..m`` of a dynamic batch size ``B``."""
+    return [(batch * i) // microbatches for i in range(microbatches + 1)]
+
+
+def split_batch(tensor: tf.Tensor, bounds: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    """Cuts a batch-major tensor into the micro-batches given by `bounds` (sizes differ by <= 1)."""
+    return [tensor[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
+
+
+def tune_microbatches(
+    step_for: Callable[[int], Callable[[], Any]],
+    batch_size: int,
+    *,
+    candidates: Sequence[int] = AUTO_CANDIDATES,
+    repeats: int = 3,
+) -> dict[int, float]:
+    """Measures a training step per micro-batch count, interleaved; returns median seconds.
+
+    Args:
+        step_for: ``step_for(m)`` returns a no-argument callable running one forward + backward
+            pass of the model with ``m`` micro-batches (already bound to its input batch).
+        batch_size: Examples per step; candidates above it are skipped.
+        candidates: Micro-batch counts to try.
+        repeats: Timed rounds; each round runs every candidate once, so drift in machine load
+            affects them alike.
+
+    Returns:
+        ``{m: median seconds per step}``.
+    """
+    steps = {m: step_for(m) for m in candidates if m <= batch_size}
+    for step in steps.values():  # trace and warm up
+        _block(step())
+        _block(step())
+    samples: dict[int, list[float]] = {m: [] for m in steps}
+    for _ in range(repeats):
+        for m, step in steps.items():
+            start = time.perf_counter()
+            _block(step())
+            samples[m].append(time.perf_counter() - start)
+    return {m: statistics.median(values) for m, values in samples.items()}
+
+
+def _block(result: Any) -> None:
+    for t in tf.nest.flatten(result):
+        if t is not None:
+            t.numpy()

@@ -396,6 +396,49 @@ def test_parameter_server_mode_runs_servers_and_a_coordinator_chief():
     assert _wait_dead([int(s[2]) for s in servers]) == []
 
 
+@pytest.mark.multiprocess
+def test_parameter_server_mode_restarts_a_killed_worker_server_in_place(tmp_path):
+    sentinel = tmp_path / "restarted"
+    out = io.StringIO()
+    result = {}
+
+    def run():
+        result["code"] = launch(
+            [PY, str(SCRIPTS / "ps_coordinator.py"), "300", str(sentinel)], workers=2, ps=1,
+            max_restarts=1,
+            output=out, timeout=150, env={"TFPAR_TEST_SLOW_CLOSURES": "1"},
+        )
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 120
+        while "[chief:0] scheduled" not in out.getvalue() and thread.is_alive():
+            assert time.monotonic() < deadline, out.getvalue()
+            time.sleep(0.05)
+        pattern = r"^\[worker:1\] tfpar: worker:1 server listening on (\S+) \(pid (\d+)\)$"
+        address, pid = re.search(pattern, out.getvalue(), re.M).groups()
+        os.kill(int(pid), signal.SIGKILL)
+        # The chief waits (after its RESULT line) until the test saw the new server come up.
+        while len(re.findall(pattern, out.getvalue(), re.M)) < 2 and thread.is_alive():
+            assert time.monotonic() < deadline + 60, out.getvalue()
+            time.sleep(0.05)
+    finally:
+        sentinel.touch()
+        thread.join(timeout=150)
+    text = out.getvalue()
+    assert result.get("code") == 0, text
+    assert (
+        f"worker:1 (server) exited with signal SIGKILL (exit code 137); restarting it in place on "
+        f"{address} (restart 1 of 1)" in text
+    )
+    incarnations = re.findall(pattern, text, re.M)
+    assert len(incarnations) == 2 and incarnations[1][0] == address  # same address, new process
+    # ClusterCoordinator re-runs closures lost with the worker: at-least-once, never fewer.
+    assert _results(text)["chief:0"]["counter"] >= 300
+    assert "starting 4 tasks (attempt 2" not in text  # the cluster itself was not restarted
+    assert _wait_dead([int(p) for _, p in incarnations]) == []
+
 # ---------------------------------------------------------------------------------------------
 # Network isolation: the servers cannot be reached from outside the cluster
 # ---------------------------------------------------------------------------------------------

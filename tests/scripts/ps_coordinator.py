@@ -7,6 +7,13 @@ processes of the same machine).
 
 Usage: python ps_coordinator.py CLOSURES [WAIT_FOR_PATH]
 
+With TFPAR_TEST_SLOW_CLOSURES=1 each closure also multiplies matrices for a while, the chief
+prints "scheduled" once all closures are queued (a test kills a worker then), and the chief ends
+with os._exit(0): after a worker failure, TF 2.21's ClusterCoordinator can deadlock at interpreter
+exit (its WorkerPreemptionHandler daemon thread holds _cluster_update_lock inside
+update_server_def while the restarted worker comes back; ClusterCoordinator.__del__ -> stop() then
+waits for that lock forever during finalization).
+
 With WAIT_FOR_PATH the chief waits (up to 60 s) for that file to exist before exiting, so a test
 can look at the running cluster from outside.
 """
@@ -32,14 +39,25 @@ with strategy.scope():
     counter = tf.Variable(0, dtype=tf.int64)
 
 
+slow = os.environ.get("TFPAR_TEST_SLOW_CLOSURES") == "1"
+
+
 @tf.function
 def step():
-    counter.assign_add(1)
+    if slow:
+        matrix = tf.random.stateless_normal([200, 200], seed=[1, 2])
+        for _ in range(10):
+            matrix = tf.linalg.normalize(matrix @ matrix)[0]
+        counter.assign_add(tf.cast(tf.reduce_sum(matrix) * 0.0, tf.int64) + 1)
+    else:
+        counter.assign_add(1)
     return counter.read_value()
 
 
 for _ in range(closures):
     coordinator.schedule(step)
+if slow:
+    print("scheduled", flush=True)
 coordinator.join()
 ports = [int(a.rsplit(":", 1)[1]) for job in ("worker", "ps") for a in spec[job]]
 print("RESULT:" + json.dumps({
@@ -56,3 +74,7 @@ if len(sys.argv) > 2:
     deadline = time.monotonic() + 60
     while not os.path.exists(sys.argv[2]) and time.monotonic() < deadline:
         time.sleep(0.05)
+if slow:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

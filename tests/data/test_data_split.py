@@ -9,6 +9,13 @@ import tensorflow as tf
 import tfpar.data as td
 
 
+@pytest.fixture(autouse=True)
+def _no_global_seed():
+    # A global seed (keras.utils.set_random_seed in another test) seeds "unseeded" shuffles,
+    # which tfpar then rightly accepts; these tests need truly unseeded ones.
+    tf.random.set_seed(None)
+
+
 def _values(dataset):
     return [v.tolist() if hasattr(v, "tolist") else v for v in dataset.as_numpy_iterator()]
 

@@ -127,6 +127,10 @@ def distribute(
     differ in length when the files do; TensorFlow then ends the epoch when the first worker runs
     out of data.
 
+    Keras does not know the number of steps of a distributed dataset before its first epoch ends,
+    so ``model.fit`` prints "Your input ran out of data" once at the end of the first epoch; it is
+    harmless: the following epochs run in full.
+
     Args:
         strategy: The ``tf.distribute.Strategy`` (e.g. from ``tfpar.get_strategy``).
         data: Unbatched examples, or a function ``InputContext -> tf.data.Dataset`` of unbatched

@@ -1,0 +1,128 @@
+"""tfpar.data.pipeline: step order, cache correctness, augmentation after the cache, determinism."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfpar.data as td
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    root = tmp_path / "images"
+    for label in range(2):
+        os.makedirs(root / f"class{label}")
+        for i in range(6):
+            pixels = np.full((8, 8, 3), 20 * i + label, np.uint8)
+            tf.io.write_file(str(root / f"class{label}" / f"{i}.png"), tf.io.encode_png(pixels))
+    return root
+
+
+def _keys(dataset):
+    return sorted(int(round(float(x[0, 0, 0]))) * 10 + int(y) for x, y in dataset.as_numpy_iterator())
+
+
+@pytest.mark.parametrize("cache", [True, "file"])
+def test_second_epoch_reads_no_files(image_folder, tmp_path, cache):
+    cache = str(tmp_path / "cache" / "c") if cache == "file" else cache
+    if isinstance(cache, str):
+        os.makedirs(os.path.dirname(cache))
+    dataset = td.pipeline(td.read_images(str(image_folder), image_size=(8, 8)), cache=cache)
+    first = _keys(dataset)
+    shutil.rmtree(image_folder)  # every source file is gone
+    assert _keys(dataset) == first and len(first) == 12
+
+
+def test_without_cache_the_files_are_read_again(image_folder):
+    dataset = td.pipeline(td.read_images(str(image_folder), image_size=(8, 8)), cache=False)
+    assert len(_keys(dataset)) == 12
+    shutil.rmtree(image_folder)
+    with pytest.raises(tf.errors.NotFoundError):
+        _keys(dataset)
+
+
+def test_map_runs_once_and_augment_every_epoch():
+    calls = {"map": 0, "augment": 0}
+
+    def count(name):
+        def fn(x):
+            calls[name] += 1
+            return x
+
+        return lambda x: tf.py_function(fn, [x], tf.int64)
+
+    dataset = td.pipeline(tf.data.Dataset.range(10), map_fn=count("map"), augment_fn=count("augment"))
+    for _ in range(3):
+        assert sorted(int(v) for v in dataset) == list(range(10))
+    assert calls == {"map": 10, "augment": 30}
+
+
+def test_random_augmentation_is_not_frozen_in_the_cache():
+    dataset = td.pipeline(
+        tf.data.Dataset.range(20),
+        map_fn=lambda x: tf.cast(x, tf.float32),
+        augment_fn=lambda x: x + tf.random.uniform([]),
+        deterministic=True,
+    )
+    epoch1, epoch2 = list(dataset.as_numpy_iterator()), list(dataset.as_numpy_iterator())
+    assert np.array_equal(np.floor(epoch1), np.arange(20))  # same examples, same order
+    assert not np.allclose(epoch1, epoch2)  # new augmentation each epoch
+
+
+def test_batching_shuffling_and_determinism():
+    def build(seed):
+        return td.pipeline(tf.data.Dataset.range(50), batch_size=8, shuffle=50, seed=seed,
+                           deterministic=True, drop_remainder=True)
+
+    a, b = build(1), build(1)
+    epochs_a = [[x.tolist() for x in a.as_numpy_iterator()] for _ in range(2)]
+    epochs_b = [[x.tolist() for x in b.as_numpy_iterator()] for _ in range(2)]
+    assert epochs_a == epochs_b  # reproducible run to run
+    assert epochs_a[0] != epochs_a[1]  # reshuffled every epoch
+    assert all(len(batch) == 8 for batch in epochs_a[0]) and len(epochs_a[0]) == 6
+    assert sorted(v for batch in epochs_a[0] for v in batch) != list(range(48))  # shuffled
+    last = td.pipeline(tf.data.Dataset.range(50), batch_size=8)
+    assert [len(x) for x in last.as_numpy_iterator()][-1] == 2
+
+
+def test_fast_mode_keeps_upstream_steps_deterministic():
+    # deterministic=False must not loosen the order of steps before the pipeline (a DATA shard
+    # checked them), only of the steps it adds.
+    source = tf.data.Dataset.range(30).map(lambda x: x, num_parallel_calls=4)
+    dataset = td.pipeline(source, cache=False)
+    assert dataset.options().deterministic is not False
+    assert td.choose_policy(source, 2) == "data"
+
+
+def test_pipeline_sets_auto_shard_off():
+    dataset = td.pipeline(tf.data.Dataset.range(4), batch_size=2)
+    policy = dataset.options().experimental_distribute.auto_shard_policy
+    assert policy == tf.data.experimental.AutoShardPolicy.OFF
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"batch_size": 0}, ValueError, "batch_size` >= 1"),
+        ({"shuffle": 10, "deterministic": True}, ValueError, "needs a seed"),
+        ({"map_fn": "decode"}, TypeError, "map_fn"),
+        ({"cache": 1}, TypeError, "cache"),
+        ({"cache": ""}, TypeError, "cache"),
+        ({"drop_remainder": "yes"}, TypeError, "drop_remainder"),
+        ({"seed": 0.5}, TypeError, "seed"),
+    ],
+)
+def test_argument_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        td.pipeline(tf.data.Dataset.range(4), **kwargs)
+
+
+def test_caching_an_infinite_dataset_is_refused():
+    with pytest.raises(ValueError, match="before .repeat"):
+        td.pipeline(tf.data.Dataset.range(4).repeat())
+    assert td.pipeline(tf.data.Dataset.range(4).repeat(), cache=False).take(9).cardinality() == 9

@@ -1,0 +1,234 @@
+"""The ``tfpar`` command: ``train``, ``launch``, ``doctor`` (also ``python -m tfpar``).
+
+Bad arguments exit with status 2 and name the valid choices (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Sequence
+
+# TensorFlow's start-up banner (oneDNN, CUDA stubs) is not for command-line users; they can set
+# TF_CPP_MIN_LOG_LEVEL themselves to see it.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+_BANNER = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog|I0000 .*(oneDNN custom operations|"
+    r"cudart_stub|cpu_feature_guard)|To enable the following instructions)"
+)
+
+
+def _import_tensorflow_quietly() -> None:
+    """Imports TensorFlow with its C++ banner filtered (TF 2.21 prints it before absl logging is
+    configured, so TF_CPP_MIN_LOG_LEVEL cannot hide it); anything else it prints is replayed."""
+    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") not in ("2", "3"):
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import keras  # noqa: F401
+            import tensorflow  # noqa: F401
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines():
+                if line and not _BANNER.match(line):
+                    print(line, file=sys.stderr)
+
+
+_import_tensorflow_quietly()
+
+from tfpar import devices, job, launch, models, strategies  # noqa: E402
+from tfpar.version import __version__  # noqa: E402
+
+DEFAULT_VIRTUAL_DEVICES = 2
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, received {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, received {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, received {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, received {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], received {text!r}")
+    return value
+
+
+def _add_train(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a model in parallel on bundled real data and report accuracy",
+        description=(
+            "Train an image classifier under a tfpar strategy. Without arguments: AlexNet "
+            "(width 0.25) on the bundled UCI digits under strategy 'auto', on virtual CPUs when "
+            "there is no GPU; prints strategy, replicas, samples/s and test accuracy, and writes "
+            "metrics.json and training.png."
+        ),
+    )
+    parser.add_argument("--model", default="alexnet", choices=models.available(), metavar="MODEL",
+                        help=f"one of: {', '.join(models.available())} (default: alexnet)")
+    parser.add_argument("--strategy", default="auto", choices=strategies.available_strategies(), metavar="NAME",
+                        help=f"one of: {', '.join(strategies.available_strategies())} (default: auto)")
+    parser.add_argument("--devices", type=_positive_int, default=None,
+                        help="replicas on this host: GPUs to use, or virtual CPUs to create when there "
+                             f"is no GPU (default: all GPUs, or {DEFAULT_VIRTUAL_DEVICES} virtual CPUs)")
+    parser.add_argument("--epochs", type=_positive_int, default=job.TrainConfig.epochs)
+    parser.add_argument("--batch-size", type=_positive_int, default=job.TrainConfig.batch_size,
+                        help="global batch size over all replicas (default: %(default)s)")
+    parser.add_argument("--lr", type=_positive_float, default=job.TrainConfig.learning_rate,
+                        help="base learning rate for one replica, scaled for the replica count "
+                             "(linear for sgd, square root for adam) (default: %(default)s)")
+    parser.add_argument("--optimizer", default="adam", choices=job.OPTIMIZERS)
+    parser.add_argument("--width", type=_positive_float, default=job.TrainConfig.width,
+                        help="channel multiplier of AlexNet/VGG (default: %(default)s)")
+    parser.add_argument("--image-size", type=_positive_int, default=None,
+                        help="side of the square input images (default: 64 for AlexNet, 32 otherwise)")
+    parser.add_argument("--data", default="digits", choices=["digits"],
+                        help="training data (default: the bundled UCI digits)")
+    parser.add_argument("--mixed-precision", default=None, choices=strategies.MIXED_PRECISION_POLICIES)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default=None, help="report directory (default: tfpar_runs/train-<time>)")
+    parser.add_argument("--min-accuracy", type=_fraction, default=None,
+                        help="exit with status 1 if the test accuracy is below this")
+    parser.add_argument("--quiet", action="store_true", help="one line per epoch instead of a progress bar")
+    parser.set_defaults(handler=_train)
+
+
+def _configure_devices(requested: int | None) -> None:
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        return  # real accelerators: --devices selects how many (see _strategy_options)
+    devices.configure_virtual_devices(requested or DEFAULT_VIRTUAL_DEVICES, "CPU")
+
+
+def _strategy_options(args: argparse.Namespace) -> dict[str, object]:
+    if args.devices is None or args.strategy not in ("auto", "mirrored", "central_storage"):
+        return {}
+    available = devices.default_replica_devices()
+    if args.devices > len(available):
+        raise SystemExit(
+            f"tfpar train: error: --devices {args.devices} but this host has {len(available)} "
+            f"devices: {', '.join(available)}"
+        )
+    return {"devices": available[: args.devices]}
+
+
+def _train(args: argparse.Namespace) -> int:
+    _configure_devices(args.devices)
+    config = job.TrainConfig(
+        model=args.model,
+        strategy=args.strategy,
+        strategy_options=_strategy_options(args),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        optimizer=args.optimizer,
+        data=args.data,
+        image_size=args.image_size,
+        width=args.width,
+        mixed_precision=args.mixed_precision,
+        seed=args.seed,
+        output_dir=args.output,
+        verbose=2 if args.quiet or not sys.stdout.isatty() else 1,
+    )
+    result = job.train(config)
+    print(
+        "\n".join(
+            [
+                "",
+                "== tfpar train: summary ==",
+                f"strategy        {result.strategy} (--strategy {args.strategy})",
+                f"replicas        {result.replicas}",
+                f"samples/s       {result.samples_per_second:,.0f} (last epoch)",
+                f"test accuracy   {result.test_accuracy:.4f}",
+                f"test loss       {result.test_loss:.4f}",
+                f"report          {result.report_dir}/metrics.json, {result.report_dir}/training.png",
+            ]
+        )
+    )
+    if args.min_accuracy is not None and result.test_accuracy < args.min_accuracy:
+        print(f"tfpar train: test accuracy {result.test_accuracy:.4f} is below --min-accuracy {args.min_accuracy}")
+        return 1
+    return 0
+
+
+def _add_launch(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "launch",
+        help="run a command as a local multi-worker (or parameter-server) cluster",
+        description="Run COMMAND as N local tasks with TF_CONFIG on free 127.0.0.1 ports.",
+        add_help=False,
+    )
+    parser.add_argument("launch_args", nargs=argparse.REMAINDER)
+    parser.set_defaults(handler=lambda args: launch.main(args.launch_args))
+
+
+def _add_doctor(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("doctor", help="print versions, devices, cluster and known problems")
+    parser.set_defaults(handler=_doctor)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from tfpar import doctor
+
+    report = doctor.collect()
+    print(doctor.format_report(report))
+    return 1 if report.problems else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``tfpar`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="tfpar", description="One-line, correct data and model parallelism for TensorFlow / Keras 3."
+    )
+    parser.add_argument("--version", action="version", version=f"tfpar {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    _add_train(subparsers)
+    _add_launch(subparsers)
+    _add_doctor(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tfpar`` console script.
+
+    Example:
+    >>> tfpar.cli.main(["train", "--epochs", "1"])
+    0
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"]:  # everything after `launch` belongs to the launcher's own parser
+        return launch.main(argv[1:])
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

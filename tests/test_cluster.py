@@ -314,6 +314,10 @@ def test_missing_slurm_variables_are_named(clean_env):
     [
         ({"SLURM_PROCID": "x"}, r"Expected SLURM_PROCID to be a non-negative integer"),
         ({"SLURM_PROCID": "4"}, r"Expected SLURM_PROCID < SLURM_STEP_NUM_TASKS"),
+        ({"SLURM_STEP_NUM_TASKS": "5", "SLURM_PROCID": "4"},
+         r"do not describe a consistent job step: Requested 5 tasks but only 4 were assigned.*"
+         r"Received: SLURM_PROCID='4', SLURM_STEP_NUM_TASKS='5'"),
+        ({"SLURM_STEP_NODELIST": "node[01-"}, r"do not describe a consistent job step: Invalid hostlist"),
     ],
 )
 def test_malformed_slurm_variables(clean_env, override, message):

@@ -22,6 +22,10 @@ on every interface (``0.0.0.0``/``[::]``: the bind address is hard-coded in Tens
 ``grpc_server_lib.cc``; only the port comes from the cluster spec). tfpar puts only 127.0.0.1
 addresses in the clusters it makes, so all traffic stays on loopback, but the ports are reachable
 from other hosts unless a firewall blocks them. :func:`listening_addresses` shows what listens.
+For separate processes, ``tfpar launch --isolate-network`` (``tfpar.launch(...,
+isolate_network=True)``) runs the tasks in a private loopback-only network namespace, where the
+servers are unreachable from other hosts; in-process servers (:func:`local_cluster`) cannot be
+isolated that way.
 
 Nothing in this module runs a TensorFlow op at import time.
 """
@@ -476,8 +480,17 @@ def resolve(
                 f"from the environment. Received: task_type={task_type!r}, task_id={task_id!r}"
             )
         if cluster == "slurm":
-            _slurm_env()
-            return _SlurmClusterResolver(rpc_layer=rpc_layer)
+            values = _slurm_env()
+            try:
+                return _SlurmClusterResolver(rpc_layer=rpc_layer)
+            except (RuntimeError, ValueError, IndexError) as error:
+                shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
+                raise ValueError(
+                    f"The Slurm variables do not describe a consistent job step: {error}. "
+                    f"Expected SLURM_STEP_TASKS_PER_NODE (e.g. '2(x3),1') to add up to "
+                    f"SLURM_STEP_NUM_TASKS over the nodes of SLURM_STEP_NODELIST (e.g. "
+                    f"'node[01-04]'). Received: {shown}"
+                ) from error
         config = parse_tf_config()
         if config:
             _check_own_port(config["cluster"], config["task"]["type"], config["task"]["index"])
@@ -532,6 +545,7 @@ def detect() -> ClusterInfo | None:
 
     Raises:
         ValueError: If ``TF_CONFIG`` or the Slurm variables are set but malformed.
+        RuntimeError: If a multi-task Slurm step lacks some of :data:`SLURM_VARIABLES`.
 
     Example:
     >>> info = tfpar.cluster.detect()

@@ -61,7 +61,7 @@ from typing import Any, TextIO
 
 from tfpar import cluster as _cluster
 
-__all__ = ["EXIT_TIMEOUT", "launch", "main", "serve"]
+__all__ = ["EXIT_TIMEOUT", "build_parser", "launch", "main", "serve"]
 
 #: Exit code of a launch that ran out of time (as coreutils ``timeout``).
 EXIT_TIMEOUT = 124
@@ -616,8 +616,9 @@ def serve() -> int:
         Never returns normally; 2 if ``TF_CONFIG`` does not name a worker or ps task.
 
     Example:
-    >>> import sys, tfpar.launch  # in a ps task: TF_CONFIG={"cluster": ..., "task": {"type": "ps", ...}}
-    >>> sys.exit(tfpar.launch.serve())
+    >>> import sys
+    >>> from tfpar.launch import serve  # in a ps task: TF_CONFIG={"cluster": ..., "task": {"type": "ps", ...}}
+    >>> sys.exit(serve())
     """
     import tensorflow as tf
 
@@ -686,7 +687,8 @@ def build_parser(prog: str = "tfpar launch") -> argparse.ArgumentParser:
     """The argument parser of ``tfpar launch`` (for embedding in the ``tfpar`` CLI).
 
     Example:
-    >>> tfpar.launch.build_parser().parse_args(["--workers", "2"]).workers
+    >>> from tfpar.launch import build_parser
+    >>> build_parser().parse_args(["--workers", "2"]).workers
     2
     """
     parser = argparse.ArgumentParser(
@@ -739,7 +741,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         on timeout, 128 + N when the launcher was stopped by signal N.
 
     Example:
-    >>> tfpar.launch.main(["--workers", "2", "--", sys.executable, "-c", "print('hi')"])
+    >>> from tfpar.launch import main
+    >>> main(["--workers", "2", "--", sys.executable, "-c", "print('hi')"])
     0
     """
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -277,6 +277,18 @@ def test_main_returns_the_failing_exit_code(capfd):
     assert "worker:0 failed with exit code 7" in capfd.readouterr().out
 
 
+@pytest.mark.multiprocess
+def test_the_module_is_callable_so_tfpar_launch_works_in_any_import_order():
+    code = (
+        "import io, sys, tfpar.launch\n"  # the package attribute is now the module
+        "out = io.StringIO()\n"
+        "code = tfpar.launch([sys.executable, '-c', 'print(1)'], workers=1, output=out, timeout=60)\n"
+        "print(code, callable(tfpar.launch.main), callable(tfpar.launch.serve), out.getvalue().count('[worker:0] 1'))\n"
+    )
+    result = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip().splitlines()[-1] == "0 True True 1", result.stdout + result.stderr
+
+
 def test_parser_defaults():
     args = build_parser().parse_args([])
     assert (args.workers, args.ps, args.chief, args.max_restarts, args.timeout) == (2, 0, False, 0, None)

@@ -41,6 +41,10 @@ an unprivileged user namespace (``unshare(CLONE_NEWUSER | CLONE_NEWNET)``) with 
 so it needs no root, but some systems disable user namespaces.
 
 POSIX only (process groups, signals).
+
+The module itself is callable: ``tfpar.launch(...)`` is :func:`launch` whether ``tfpar.launch``
+names this module (after ``import tfpar.launch``) or not, and ``tfpar.launch.main`` /
+``tfpar.launch.serve`` stay reachable.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
@@ -616,9 +621,8 @@ def serve() -> int:
         Never returns normally; 2 if ``TF_CONFIG`` does not name a worker or ps task.
 
     Example:
-    >>> import sys
-    >>> from tfpar.launch import serve  # in a ps task: TF_CONFIG={"cluster": ..., "task": {"type": "ps", ...}}
-    >>> sys.exit(serve())
+    >>> import sys, tfpar.launch  # in a ps task: TF_CONFIG={"cluster": ..., "task": {"type": "ps", ...}}
+    >>> sys.exit(tfpar.launch.serve())
     """
     import tensorflow as tf
 
@@ -687,8 +691,7 @@ def build_parser(prog: str = "tfpar launch") -> argparse.ArgumentParser:
     """The argument parser of ``tfpar launch`` (for embedding in the ``tfpar`` CLI).
 
     Example:
-    >>> from tfpar.launch import build_parser
-    >>> build_parser().parse_args(["--workers", "2"]).workers
+    >>> tfpar.launch.build_parser().parse_args(["--workers", "2"]).workers
     2
     """
     parser = argparse.ArgumentParser(
@@ -741,8 +744,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         on timeout, 128 + N when the launcher was stopped by signal N.
 
     Example:
-    >>> from tfpar.launch import main
-    >>> main(["--workers", "2", "--", sys.executable, "-c", "print('hi')"])
+    >>> tfpar.launch.main(["--workers", "2", "--", sys.executable, "-c", "print('hi')"])
     0
     """
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -783,3 +785,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+class _CallableModule(types.ModuleType):
+    """This module's class: calling the module calls :func:`launch`."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> int:
+        return launch(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

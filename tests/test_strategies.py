@@ -134,7 +134,28 @@ def test_strategy_instance_is_returned_and_managed():
         tfpar.get_strategy(raw, devices=["cpu:0"])
 
 
-@pytest.mark.parametrize("name", ["multi_worker", "multi_worker_mirrored", "parameter_server", "ps"])
+def test_multi_worker_on_a_single_process_is_one_worker():
+    strategy = tfpar.get_strategy("multi_worker_mirrored")
+    assert isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    assert strategy.num_replicas_in_sync == 1
+
+
+def test_multi_worker_options_are_validated():
+    with pytest.raises(ValueError, match=r"communication to be one of \['auto', 'ring', 'nccl'\]"):
+        tfpar.get_strategy("multi_worker", communication="grpc")
+    with pytest.raises(ValueError, match="needs GPUs.*Use 'ring'"):
+        tfpar.get_strategy("multi_worker", communication="nccl")
+    with pytest.raises(ValueError, match="collective_timeout > 0"):
+        tfpar.get_strategy("multi_worker", collective_timeout=0)
+
+
+def test_malformed_tf_config_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 3}')
+    with pytest.raises(ValueError, match="TF_CONFIG"):
+        tfpar.get_strategy("multi_worker")
+
+
+@pytest.mark.parametrize("name", ["parameter_server", "ps"])
 def test_unfinished_strategies_fail_clearly(name):
     with pytest.raises(RuntimeError, match="not available in tfpar .* yet.*Use 'mirrored'"):
         tfpar.get_strategy(name)

@@ -37,12 +37,22 @@ Interceptions (verified on TensorFlow 2.21.0 / Keras 3.15.1):
    a value (PerReplica...)" (tensorflow/tensorflow#72388, keras-team/keras#20585). Only shapes and
    dtypes matter for the build, so tfpar builds from the first local replica's batch
    (hook: ``TensorFlowTrainer._maybe_symbolic_build``).
-4. **Several MirroredStrategy objects in one process** (``tests/test_strategies.py``). Two
+4. **Logs under MultiWorkerMirroredStrategy** (``tests/test_multi_worker.py``). Keras reduces
+   each step's logs with ``strategy.reduce("MEAN", v, axis=0)``, which fails on scalars ("Invalid
+   reduction dimension 0 for input with 0 dimensions"; tensorflow/tensorflow#72388). tfpar averages
+   them over all replicas instead (hook: ``trainer.reduce_per_replica``), so every worker logs the
+   same numbers.
+5. **One shuffle for all workers** (``tests/test_multi_worker.py``). Keras shuffles numpy inputs
+   with an unseeded permutation per worker, so under MultiWorkerMirroredStrategy the DATA shards
+   overlap: some examples are trained on several times per epoch, others never
+   (tensorflow/tensorflow#56513). tfpar draws each epoch's permutation from a seed shared by the
+   workers (hooks: ``TFEpochIterator.__init__``, ``ArrayDataAdapter.get_tf_dataset``).
+6. **Several MirroredStrategy objects in one process** (``tests/test_strategies.py``). Two
    strategies with different collective patterns share collective keys and fail with "Shape
    mismatch in the collective instance". TensorFlow's own tests bump
    ``MirroredStrategy._collective_key_base`` (tensorflow/python/distribute/strategy_combinations.py);
    tfpar does the same for every strategy it creates, so notebooks can re-run cells.
-5. **Synchronized BatchNormalization by default inside ``tfpar.scope(..., sync_batchnorm=True)``**
+7. **Synchronized BatchNormalization by default inside ``tfpar.scope(..., sync_batchnorm=True)``**
    (``tests/test_batchnorm.py``). Unsynchronized BatchNormalization makes moving statistics depend
    on the replica count (13.2 vs 4e-6 with ``synchronized=True`` on 2 replicas). The scope option
    makes ``keras.layers.BatchNormalization(...)`` default to ``synchronized=True`` while it is open
@@ -54,12 +64,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import threading
 import warnings
 import weakref
+import zlib
 from typing import Any, Callable
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 VERIFIED_VERSIONS = {"tensorflow": "2.21.0", "keras": "3.15.1"}
@@ -97,6 +110,17 @@ INTERCEPTIONS = (
         "keras.src.backend.tensorflow.trainer.TensorFlowTrainer._maybe_symbolic_build",
         "tensorflow/tensorflow#72388, keras-team/keras#20585",
         "build from one replica's batch (uneven replica batches; multi-worker)",
+    ),
+    Interception(
+        "keras.src.backend.tensorflow.trainer.reduce_per_replica",
+        "tensorflow/tensorflow#72388, keras-team/keras#20585",
+        "scalar logs under MultiWorkerMirroredStrategy (identical on every worker)",
+    ),
+    Interception(
+        "keras.src.backend.tensorflow.trainer.TFEpochIterator.__init__, "
+        "keras.src.trainers.data_adapters.array_data_adapter.ArrayDataAdapter.get_tf_dataset",
+        "tensorflow/tensorflow#56513",
+        "one shuffle permutation shared by all workers (each example once per epoch)",
     ),
     Interception(
         "keras.layers.BatchNormalization.__init__ (default synchronized=True inside a scope)",
@@ -141,6 +165,8 @@ def _install() -> None:
         from keras.src.backend.tensorflow import trainer as tf_trainer
         from keras.src.losses import loss as loss_module
 
+        from keras.src.trainers.data_adapters import array_data_adapter
+
         loss_scale_optimizer = keras.optimizers.LossScaleOptimizer
 
         targets = [
@@ -151,6 +177,9 @@ def _install() -> None:
             (tf_optimizer.TFOptimizer, "_all_reduce_sum_gradients", _all_reduce_sum_gradients),
             (tf_trainer.TensorFlowTrainer, "_make_function", _make_function),
             (tf_trainer.TensorFlowTrainer, "_maybe_symbolic_build", _maybe_symbolic_build),
+            (tf_trainer, "reduce_per_replica", _reduce_per_replica),
+            (tf_trainer.TFEpochIterator, "__init__", _epoch_iterator_init),
+            (array_data_adapter.ArrayDataAdapter, "get_tf_dataset", _array_dataset),
         ]
         missing = [f"{owner.__name__}.{name}" for owner, name, _ in targets if not hasattr(owner, name)]
         if missing:
@@ -402,7 +431,92 @@ def _maybe_symbolic_build(self: Any, iterator: Any = None, data_batch: Any = Non
     return None
 
 
-# === 5. BatchNormalization under data parallelism ===
+# === 4. Step outputs under MultiWorkerMirroredStrategy ===
+
+
+def _in_multi_worker_mode(strategy: tf.distribute.Strategy) -> bool:
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and bool(
+        strategy.extended._in_multi_worker_mode()
+    )
+
+
+def _reduce_per_replica(values: Any, strategy: tf.distribute.Strategy, reduction: str) -> Any:
+    upstream = _UPSTREAM["keras.src.backend.tensorflow.trainer.reduce_per_replica"]
+    if reduction not in ("auto", "mean") or not is_managed(strategy) or not _in_multi_worker_mode(strategy):
+        return upstream(values, strategy, reduction)
+
+    # Upstream reduces every log value with strategy.reduce("MEAN", v, axis=0), which fails on the
+    # scalar logs ("Invalid reduction dimension 0 for input with 0 dimensions"). Average them over
+    # the replicas of all workers instead (every worker runs every step, so this collective is
+    # matched), which leaves every worker with the same logs.
+    def reduce(value: Any) -> Any:
+        if not isinstance(value, (tf.Tensor, tf.distribute.DistributedValues)):
+            return value
+        if not value.dtype.is_floating:
+            return strategy.experimental_local_results(value)[0]
+        return strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
+
+    return tf.nest.map_structure(reduce, values)
+
+
+# === 5. The same shuffle on every worker for array inputs ===
+
+_SHARED_SHUFFLE = threading.local()
+
+
+def _shared_shuffle_seed(strategy: Any) -> int | None:
+    if strategy is None or not is_managed(strategy) or not _in_multi_worker_mode(strategy):
+        return None
+    spec = strategy.cluster_resolver.cluster_spec().as_dict()
+    return zlib.crc32(json.dumps(spec, sort_keys=True).encode()) & 0x7FFFFFFF
+
+
+def _epoch_iterator_init(self: Any, distribute_strategy: Any = None, *args: Any, **kwargs: Any) -> None:
+    _SHARED_SHUFFLE.seed = _shared_shuffle_seed(distribute_strategy)
+    try:
+        _UPSTREAM["TFEpochIterator.__init__"](self, distribute_strategy, *args, **kwargs)
+    finally:
+        _SHARED_SHUFFLE.seed = None
+
+
+def _array_dataset(self: Any) -> tf.data.Dataset:
+    """Keras's array dataset, with a permutation every worker agrees on (multi-worker only).
+
+    Keras shuffles numpy inputs with an unseeded ``tf.random.shuffle`` per epoch; under
+    MultiWorkerMirroredStrategy each worker then draws a different permutation and keeps the
+    DATA shard of its own, so in an epoch some examples are seen several times and others never
+    (measured: 101 examples, 3 epochs, 2 workers: counts from 0 to 6 instead of 3 each;
+    tensorflow/tensorflow#56513 reports the same symptom). Here the permutation of epoch e is a
+    stateless shuffle seeded by a per-epoch number from ``Dataset.random(seed)``, with `seed`
+    derived from the cluster definition: identical on every worker, new every epoch, as PyTorch's
+    DistributedSampler does.
+    """
+    seed = getattr(_SHARED_SHUFFLE, "seed", None)
+    upstream = _UPSTREAM["ArrayDataAdapter.get_tf_dataset"]
+    leaves = keras.tree.flatten(self._inputs)
+    dense = all(isinstance(leaf, (np.ndarray, tf.Tensor)) for leaf in leaves)
+    if seed is None or self._shuffle in (False, "batch") or not dense:
+        return upstream(self)
+    inputs = keras.tree.map_structure(tf.convert_to_tensor, keras.tree.lists_to_tuples(self._inputs))
+    count, batch_size = int(self._num_samples), int(self._batch_size)
+
+    def permutation(epoch_seed: tf.Tensor) -> tf.Tensor:
+        return tf.random.experimental.stateless_shuffle(
+            tf.range(count, dtype=tf.int64), seed=tf.stack([epoch_seed, tf.constant(seed, tf.int64)])
+        )
+
+    order = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(1).map(permutation)
+    batches = order.flat_map(lambda indices: tf.data.Dataset.from_tensor_slices(indices).batch(batch_size))
+    dataset = batches.map(
+        lambda indices: keras.tree.map_structure(lambda t: tf.gather(t, indices), inputs),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+# === 7. BatchNormalization under data parallelism ===
 
 
 def _batchnorm_layers(model: Any) -> list[Any]:

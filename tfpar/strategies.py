@@ -6,8 +6,9 @@ case-insensitive; aliases are entries with preset options. Every strategy tfpar 
 
 Built-in names:
 
-* ``"auto"``: ``"mirrored"`` when this host has more than one GPU (or more than one configured
-  virtual device), otherwise ``"default"``; logs what it picked at INFO level.
+* ``"auto"``: ``"multi_worker"`` (or ``"parameter_server"`` with ps tasks) when TF_CONFIG or Slurm
+  describes more than one process; else ``"mirrored"`` when this host has more than one GPU (or
+  more than one configured virtual device), otherwise ``"default"``; logs its pick at INFO level.
 * ``"default"``: TensorFlow's default (no distribution) strategy.
 * ``"one_device"``: ``tf.distribute.OneDeviceStrategy`` on one device.
 * ``"mirrored"``: synchronous data parallelism over the devices of one host.
@@ -30,12 +31,14 @@ import keras
 import tensorflow as tf
 
 from tfpar import _keras_compat
+from tfpar import cluster as cluster_lib
 from tfpar import devices as device_lib
 
 logger = logging.getLogger("tfpar")
 
 MIXED_PRECISION_POLICIES = ("mixed_float16", "mixed_bfloat16")
 CROSS_DEVICE_OPS = ("auto", "nccl", "hierarchical_copy", "reduce_to_one")
+COMMUNICATION = ("auto", "ring", "nccl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -379,10 +382,23 @@ def _central_storage(
 
 
 def _auto(devices: Sequence[str] | None = None, cross_device_ops: Any = "auto") -> tf.distribute.Strategy:
-    if devices is not None:
-        candidates = device_lib.validate_devices(devices)
-    else:
-        candidates = _default_devices()
+    info = cluster_lib.detect()
+    if info is not None:
+        name = "parameter_server" if info.num_ps else "multi_worker"
+        logger.info(
+            "tfpar: strategy 'auto' picked %r: %s describes %d worker(s)%s",
+            name,
+            "TF_CONFIG" if info.source == "tf_config" else "Slurm",
+            info.num_workers + int(info.has_chief),
+            f" and {info.num_ps} ps" if info.num_ps else "",
+        )
+        if devices is not None:
+            raise ValueError(
+                f"`devices` applies to one host; strategy 'auto' picked {name!r} from the cluster "
+                f"definition. Received: devices={list(devices)!r}"
+            )
+        return get_strategy(name)
+    candidates = device_lib.validate_devices(devices) if devices is not None else _default_devices()
     if len(candidates) > 1:
         logger.info(
             "tfpar: strategy 'auto' picked 'mirrored' over %d devices: %s",
@@ -392,6 +408,35 @@ def _auto(devices: Sequence[str] | None = None, cross_device_ops: Any = "auto") 
         return _mirrored(candidates, cross_device_ops)
     logger.info("tfpar: strategy 'auto' picked 'default' (one device: %s)", candidates[0])
     return _default()
+
+
+def _multi_worker(
+    cluster: Any = "tf_config",
+    communication: str = "auto",
+    collective_timeout: float | None = None,
+) -> tf.distribute.Strategy:
+    if communication not in COMMUNICATION:
+        raise ValueError(
+            f"Expected communication to be one of {list(COMMUNICATION)}. "
+            f"Received: communication={communication!r}"
+        )
+    if collective_timeout is not None and collective_timeout <= 0:
+        raise ValueError(f"Expected collective_timeout > 0 seconds. Received: collective_timeout={collective_timeout!r}")
+    resolver = cluster_lib.resolve(cluster)
+    if communication == "nccl" and not tf.config.list_physical_devices("GPU"):
+        raise ValueError(
+            "communication='nccl' needs GPUs and this host has none. Received: "
+            "communication='nccl'. Use 'ring' (or 'auto') on CPUs."
+        )
+    implementation = {
+        "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
+        "ring": tf.distribute.experimental.CommunicationImplementation.RING,
+        "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
+    }[communication]
+    options = tf.distribute.experimental.CommunicationOptions(
+        implementation=implementation, timeout_seconds=collective_timeout
+    )
+    return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver, communication_options=options)
 
 
 def _not_yet(name: str, issue: str) -> Callable[..., tf.distribute.Strategy]:
@@ -423,11 +468,7 @@ register_strategy(
 )
 register_strategy(
     "multi_worker",
-    _not_yet(
-        "multi_worker",
-        "Keras 3 model.fit under MultiWorkerMirroredStrategy is broken upstream "
-        "(tensorflow/tensorflow#72388, keras-team/keras#20585) and tfpar's fix has not landed.",
-    ),
+    _multi_worker,
     description="synchronous data parallelism over several hosts (MultiWorkerMirroredStrategy)",
 )
 register_strategy(

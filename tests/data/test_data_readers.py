@@ -81,6 +81,20 @@ def test_image_folders_are_file_shardable(image_folder):
     shards = [_pixel_and_label(td.shard(dataset, 4, i, policy="file")) for i in range(4)]
     flat = [p for s in shards for p in s]
     assert sorted(flat) == sorted(_pixel_and_label(dataset)) and len(set(flat)) == 8
+    # Shard i holds files i, i + 4 of the reading order: whole files, no decode of the others.
+    order = _pixel_and_label(dataset)
+    assert shards[1] == [order[1], order[5]]
+    # TensorFlow's own rewrite cannot shard read_file maps, so its policy is DATA.
+    assert td.set_auto_shard_policy(dataset, 2).options().experimental_distribute.auto_shard_policy == (
+        tf.data.experimental.AutoShardPolicy.DATA)
+
+
+def test_image_file_sharding_needs_the_dataset_as_returned(image_folder):
+    mapped = td.read_images(str(image_folder), image_size=(4, 4)).map(lambda x, y: (x / 255.0, y))
+    assert td.source_files(mapped) == []
+    with pytest.raises(ValueError, match="before any map"):
+        td.shard(mapped, 2, 0, policy="file")
+    assert td.choose_policy(mapped, 2) == "data"
 
 
 @pytest.mark.parametrize(

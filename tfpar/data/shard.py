@@ -10,7 +10,9 @@ the cases that would go wrong:
   the dataset has at least ``num_shards`` files and TensorFlow's FILE rewrite can reach the reader.
   The rewrite is TensorFlow's own (``tf.raw_ops.AutoShardDataset``), the one multi-worker
   strategies run; it moves an unseeded shuffle of the file list behind the shard, so
-  ``list_files`` works. How files are found is documented in :mod:`tfpar.data._graph`.
+  ``list_files`` works. How files are found is documented in :mod:`tfpar.data._graph`. Image
+  folders read by :func:`tfpar.data.read_images` (which TensorFlow cannot FILE-shard) are rebuilt
+  on shard ``index``'s share of the files, ``files[index::num_shards]``.
 * **DATA** (every shard reads everything and keeps every ``num_shards``-th element): used otherwise.
   It needs the same element order in every process, so a dataset with an unseeded shuffle, a
   ``deterministic=False`` parallel op or a random filter before the shard is refused, with the fix.
@@ -23,13 +25,14 @@ from __future__ import annotations
 
 import logging
 import numbers
+import os
 import warnings
 import weakref
 from typing import Literal
 
 import tensorflow as tf
 
-from tfpar.data import _graph
+from tfpar.data import _graph, readers
 
 POLICIES = ("auto", "file", "data")
 _AUTO_SHARD_FILE = 1  # tf.data.experimental.AutoShardPolicy.FILE
@@ -102,7 +105,10 @@ def shard_with_policy(
         logger.info("tfpar.data.shard: 1 shard, the dataset is returned whole")
         return _without_auto_shard(dataset), "off"
     chosen, why = _choose(dataset, num_shards, policy)
-    if chosen == "file":
+    source = readers.file_source(dataset)
+    if chosen == "file" and source is not None:
+        sharded = source.build(source.files[index::num_shards])
+    elif chosen == "file":
         sharded = _file_shard(dataset, num_shards, index)
     else:
         _warn_shared_shuffle_state(dataset, num_shards, index)
@@ -140,9 +146,10 @@ def source_files(dataset: tf.data.Dataset) -> list[str]:
 
     Detected: readers (``TFRecordDataset``, ``TextLineDataset``, ``FixedLengthRecordDataset``, ...)
     reached from the output through element-wise ops, including readers inside
-    ``interleave``/``flat_map`` over a file list (``list_files``, ``from_tensor_slices(paths)``),
-    and every dataset made by :mod:`tfpar.data.readers`. Not detected (an empty list): in-memory
-    sources, and files read by ``tf.io.read_file`` inside a ``map``.
+    ``interleave``/``flat_map`` over a file list (``list_files``, ``from_tensor_slices(paths)``,
+    :func:`tfpar.data.read_tfrecords`), and datasets exactly as :func:`tfpar.data.read_images`
+    returned them. Not detected (an empty list): in-memory sources, and files read by
+    ``tf.io.read_file`` inside a ``map`` of your own (or after a ``map`` on ``read_images``).
 
     Returns:
         Sorted file names; empty if the dataset reads no files tfpar can see.
@@ -152,7 +159,7 @@ def source_files(dataset: tf.data.Dataset) -> list[str]:
     ['/data/train-0.tfrecord', '/data/train-1.tfrecord']
     """
     _check_dataset(dataset)
-    return list(_graph.inspect_files(dataset).files)
+    return list(_inspect(dataset).files)
 
 
 def set_auto_shard_policy(dataset: tf.data.Dataset, num_workers: int) -> tf.data.Dataset:
@@ -183,7 +190,8 @@ def set_auto_shard_policy(dataset: tf.data.Dataset, num_workers: int) -> tf.data
         return dataset
     if num_workers == 1:
         return _without_auto_shard(dataset)
-    chosen, why = _choose(dataset, num_workers, "auto")
+    # TensorFlow shards this dataset itself, so only what its FILE rewrite can do counts.
+    chosen, why = _choose(dataset, num_workers, "auto", tensorflow_rewrite=True)
     logger.info("tfpar.data.shard: auto-shard policy %s for %d workers (%s)", chosen.upper(),
                 num_workers, why)
     options = tf.data.Options()
@@ -235,8 +243,17 @@ def check_deterministic(dataset: tf.data.Dataset, purpose: str) -> None:
 # === internals ===
 
 
-def _choose(dataset: tf.data.Dataset, num_shards: int, policy: str) -> tuple[str, str]:
-    info = _graph.inspect_files(dataset)
+def _inspect(dataset: tf.data.Dataset, tensorflow_rewrite: bool = False) -> _graph.FileInfo:
+    source = None if tensorflow_rewrite else readers.file_source(dataset)
+    if source is not None:
+        return _graph.FileInfo(tuple(sorted(source.files)), (len(source.files),), True, "")
+    return _graph.inspect_files(dataset)
+
+
+def _choose(
+    dataset: tf.data.Dataset, num_shards: int, policy: str, tensorflow_rewrite: bool = False
+) -> tuple[str, str]:
+    info = _inspect(dataset, tensorflow_rewrite)
     if policy == "file":
         _require_file_shardable(info, num_shards)
         return "file", f"{info.num_files} files >= {num_shards} shards"
@@ -268,11 +285,13 @@ def _require_file_shardable(info: _graph.FileInfo, num_shards: int) -> None:
             "policy='file' needs a dataset that reads files through a TensorFlow reader "
             f"(TFRecordDataset, TextLineDataset, ...), but {info.reason}. Fix: use policy='data' "
             "(every shard reads everything and keeps 1/num_shards of it) or policy='auto', or "
-            "build the dataset with tfpar.data.read_tfrecords / read_images. "
+            "build the dataset with tfpar.data.read_tfrecords, or shard the dataset exactly as "
+            "tfpar.data.read_images returned it (before any map). "
             f"Received: policy='file', num_shards={num_shards}"
         )
     if info.num_files < num_shards:
-        listed = ", ".join(info.files[:8]) + (", ..." if len(info.files) > 8 else "")
+        listed = ", ".join(os.path.basename(f) for f in info.files[:8])
+        listed += ", ..." if len(info.files) > 8 else ""
         raise ValueError(
             f"policy='file' needs at least as many files as shards, but the dataset reads "
             f"{info.num_files} file(s) ({listed}) for num_shards={num_shards}; TensorFlow would "

@@ -84,3 +84,11 @@ def test_unknown_balance_and_bytes_parsing():
     with pytest.raises(TypeError, match="Received: True"):
         cost.parse_bytes(True)
     assert cost.format_bytes(1536) == "1.5 KiB"
+
+
+def test_stage_times_are_measured_for_each_stage(virtual_devices):
+    model = _toy()
+    names = [layer.name for layer in model.layers[1:]]
+    stages = [names[:3], names[3:]]
+    times = cost.measure_stage_times(model, stages, device=virtual_devices[1], batch_size=4, repeats=2)
+    assert len(times) == 2 and all(math.isfinite(t) and t >= 0 for t in times)

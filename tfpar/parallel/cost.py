@@ -13,15 +13,15 @@ Four ways to weigh a layer, one per ``balance`` mode of :func:`tfpar.parallel.pl
   GPipe step keeps every micro-batch's activations until its backward pass (tfpar does not
   rematerialize), so splitting the batch does not shrink them.
 * ``"time"``: measured seconds of one forward + backward pass of the layer alone on a device, on
-  random inputs of ``batch_size`` examples (median of ``repeats``, minus the measured overhead of an
-  empty ``tf.function`` call). It needs the device and takes seconds per model.
+  random inputs of ``batch_size`` examples (the fastest of ``repeats`` runs, all layers timed round
+  by round, minus the measured overhead of an empty ``tf.function`` call). It needs the device and
+  takes seconds per model.
 """
 
 from __future__ import annotations
 
 import math
 import re
-import statistics
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -50,6 +50,7 @@ def layer_flops(layer: Any) -> float:
         The FLOPs of one example's forward pass.
 
     Example:
+    >>> model = tfpar.models.vgg16()
     >>> tfpar.parallel.cost.layer_flops(model.get_layer("fc2"))
     33562624.0
     """
@@ -146,6 +147,7 @@ def layer_params(layer: Any) -> int:
     """``layer.count_params()`` (0 for operations without weights).
 
     Example:
+    >>> model = tfpar.models.vgg16()
     >>> tfpar.parallel.cost.layer_params(model.get_layer("fc2"))
     16781312
     """
@@ -162,6 +164,7 @@ def layer_memory(layer: Any, *, batch_size: int = 32, optimizer_slots: int = 2) 
         optimizer_slots: Optimizer state per trainable weight (Adam 2, SGD with momentum 1, SGD 0).
 
     Example:
+    >>> model = tfpar.models.vgg16()
     >>> tfpar.parallel.cost.layer_memory(model.get_layer("fc2"), batch_size=32)
     269025280
     """
@@ -228,7 +231,12 @@ def layer_costs(
 
 
 def layers_by_name(model: Any) -> dict[str, Any]:
-    """Every layer (and Keras operation) of a model, by name."""
+    """Every layer (and Keras operation) of a model, by name.
+
+    Example:
+    >>> tfpar.parallel.cost.layers_by_name(model)["fc1"] is model.get_layer("fc1")
+    True
+    """
     found = {op.name: op for op in getattr(model, "operations", [])}
     found.update({layer.name: layer for layer in model.layers})
     return found
@@ -246,7 +254,8 @@ def measure_layer_times(
 
     Each layer is rebuilt from its config on the device (fresh weights: the model is not touched)
     and run in training mode inside a ``tf.function`` on random inputs of `batch_size` examples.
-    The median of `repeats` runs, minus the median cost of calling an empty ``tf.function``, is
+    The fastest of `repeats` runs (the layers interleaved round by round, so a busy period on a
+    shared machine hits them alike), minus the cost of calling an empty ``tf.function``, is
     reported (never below zero).
 
     Example:
@@ -255,16 +264,120 @@ def measure_layer_times(
     graph = graph or graph_lib.from_model(model)
     device = device or "/device:CPU:0"
     rng = np.random.default_rng(0)
-    overhead = _median_seconds(_empty_step(device), repeats)
-    times = {}
-    for node in graph.nodes:
-        step = _layer_step(node, graph, device, batch_size, rng)
-        times[node.name] = max(_median_seconds(step, repeats) - overhead, 0.0)
-    return times
+    steps = [_layer_step(node, graph, device, batch_size, rng) for node in graph.nodes]
+    seconds = _best_seconds([_empty_step(device), *steps], repeats)
+    return {node.name: max(t - seconds[0], 0.0) for node, t in zip(graph.nodes, seconds[1:])}
+
+
+def measure_stage_times(
+    model: Any,
+    stages: Sequence[Sequence[str]],
+    *,
+    device: str = "/device:CPU:0",
+    batch_size: int = 32,
+    repeats: int = _REPEATS_DEFAULT,
+) -> list[float]:
+    """Seconds of one forward + backward pass of each stage, measured alone on one device.
+
+    Each stage's layers are rebuilt from their configs on `device` (fresh weights) and run
+    together, in topological order, on random values of the tensors the stage receives; this is
+    the ground truth a plan's predicted stage costs are compared against.
+
+    Args:
+        model: The built model the stages come from.
+        stages: Layer names of each stage, e.g. ``[s.layers for s in plan.stages]``.
+        device: Where to measure; one device for all stages, so they compare fairly.
+        batch_size: Examples per pass.
+        repeats: Timed runs per stage (the fastest is kept; the empty-call overhead is subtracted).
+
+    Example:
+    >>> plan = tfpar.parallel.plan(model, 4, check_devices=False)
+    >>> tfpar.parallel.cost.measure_stage_times(model, [s.layers for s in plan.stages], batch_size=8)
+    """
+    return measure_partitions(model, [stages], device=device, batch_size=batch_size, repeats=repeats)[0]
+
+
+def measure_partitions(
+    model: Any,
+    partitions: Sequence[Sequence[Sequence[str]]],
+    *,
+    device: str = "/device:CPU:0",
+    batch_size: int = 32,
+    repeats: int = _REPEATS_DEFAULT,
+) -> list[list[float]]:
+    """:func:`measure_stage_times` for several partitions at once, all stages timed round by round.
+
+    Timing every stage of every partition in the same rounds lets machine-load drift hit all of
+    them alike, so the partitions compare fairly on a shared machine.
+
+    Example:
+    >>> tfpar.parallel.cost.measure_partitions(model, [[s.layers for s in p.stages] for p in plans])
+    """
+    graph = graph_lib.from_model(model)
+    rng = np.random.default_rng(0)
+    steps, sizes = [], []
+    for stages in partitions:
+        for names, received, sent in zip(stages, graph.cuts(stages), graph.sends(stages)):
+            nodes = [graph.node(n) for n in names]
+            steps.append(_nodes_step(nodes, received, sent, graph, device, batch_size, rng))
+        sizes.append(len(stages))
+    seconds = _best_seconds([_empty_step(device), *steps], repeats)
+    times = [max(t - seconds[0], 0.0) for t in seconds[1:]]
+    out, start = [], 0
+    for size in sizes:
+        out.append(times[start:start + size])
+        start += size
+    return out
+
+
+def _nodes_step(
+    nodes: Sequence[graph_lib.Node],
+    received: Sequence[graph_lib.TensorRef],
+    sent: Sequence[graph_lib.TensorRef] | None,
+    graph: graph_lib.LayerGraph,
+    device: str,
+    batch_size: int,
+    rng: np.random.Generator,
+) -> Any:
+    with tf.device(device):
+        layers = [keras.saving.deserialize_keras_object(dict(node.layer_config)) for node in nodes]
+        inputs = {ref: random_input(graph.specs[ref], batch_size, rng) for ref in received}
+    floats = [t for t in inputs.values() if t.dtype.is_floating]
+
+    @tf.function
+    def step() -> Any:
+        with tf.device(device):
+            with tf.GradientTape() as tape:
+                tape.watch(floats)
+                values = dict(inputs)
+                for node, layer in zip(nodes, layers):
+                    kwargs = dict(graph_lib.fill(node.kwargs, values.__getitem__))
+                    kwargs.setdefault("training", True)
+                    outputs = layer(*graph_lib.fill(node.args, values.__getitem__), **kwargs)
+                    for t, tensor in enumerate(keras.tree.flatten(outputs)):
+                        values[graph_lib.TensorRef(node.name, 0, t)] = tensor
+                targets = [values[r] for r in sent] if sent is not None else [
+                    v for r, v in values.items() if r not in inputs
+                ]
+                total = tf.add_n([tf.constant(0.0)] + [
+                    tf.reduce_sum(tf.cast(v, tf.float32)) for v in targets if tf.as_dtype(v.dtype).is_floating
+                ])
+            variables = [v for layer in layers for v in layer.trainable_variables]
+            return tape.gradient(total, floats + variables)
+
+    return step
 
 
 def random_input(spec: graph_lib.TensorSpec, batch_size: int, rng: np.random.Generator) -> tf.Tensor:
-    """A random tensor for a graph tensor spec, with `batch_size` as the batch dimension."""
+    """A random tensor for a graph tensor spec, with `batch_size` as the batch dimension.
+
+    Floating tensors are standard normal, booleans random, integers zero (valid indices).
+
+    Example:
+    >>> spec = tfpar.parallel.graph.TensorSpec((None, 3), "float32")
+    >>> tfpar.parallel.cost.random_input(spec, 2, np.random.default_rng(0)).shape
+    TensorShape([2, 3])
+    """
     shape = [batch_size] + [1 if d is None else d for d in spec.shape[1:]]
     dtype = tf.as_dtype(spec.dtype)
     if dtype.is_floating:
@@ -277,28 +390,7 @@ def random_input(spec: graph_lib.TensorSpec, batch_size: int, rng: np.random.Gen
 def _layer_step(
     node: graph_lib.Node, graph: graph_lib.LayerGraph, device: str, batch_size: int, rng: np.random.Generator
 ) -> Any:
-    with tf.device(device):
-        layer = keras.saving.deserialize_keras_object(dict(node.layer_config))
-        values = {ref: random_input(graph.specs[ref], batch_size, rng) for ref in node.inputs}
-    args = graph_lib.fill(node.args, values.__getitem__)
-    kwargs = dict(graph_lib.fill(node.kwargs, values.__getitem__))
-    kwargs.setdefault("training", True)
-    floats = [t for t in values.values() if t.dtype.is_floating]
-
-    @tf.function
-    def step() -> Any:
-        with tf.device(device):
-            with tf.GradientTape() as tape:
-                tape.watch(floats)
-                outputs = layer(*args, **kwargs)
-                total = tf.add_n(
-                    [tf.constant(0.0)]
-                    + [tf.reduce_sum(tf.cast(o, tf.float32)) for o in keras.tree.flatten(outputs)
-                       if tf.as_dtype(o.dtype).is_floating]
-                )
-            return tape.gradient(total, floats + list(layer.trainable_variables))
-
-    return step
+    return _nodes_step([node], node.inputs, None, graph, device, batch_size, rng)
 
 
 def _empty_step(device: str) -> Any:
@@ -313,15 +405,22 @@ def _empty_step(device: str) -> Any:
     return step
 
 
-def _median_seconds(step: Any, repeats: int) -> float:
-    _block(step())  # trace and warm up
-    _block(step())
-    samples = []
-    for _ in range(max(repeats, 1)):
-        start = time.perf_counter()
+def _best_seconds(steps: Sequence[Any], repeats: int) -> list[float]:
+    """Fastest of `repeats` timed runs of each step, the steps interleaved round by round.
+
+    On a shared machine, interference only ever adds time, so the minimum is the estimate least
+    disturbed by it; interleaving spreads any slow period over all steps alike.
+    """
+    for step in steps:  # trace and warm up
         _block(step())
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+        _block(step())
+    best = [float("inf")] * len(steps)
+    for _ in range(max(repeats, 1)):
+        for i, step in enumerate(steps):
+            start = time.perf_counter()
+            _block(step())
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
 
 
 def _block(result: Any) -> None:
@@ -331,7 +430,12 @@ def _block(result: Any) -> None:
 
 
 def format_bytes(n: float) -> str:
-    """``1536 -> '1.5 KiB'``."""
+    """Bytes in binary units.
+
+    Example:
+    >>> tfpar.parallel.cost.format_bytes(1536)
+    '1.5 KiB'
+    """
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -28,7 +28,12 @@ _TENSOR = "__keras_tensor__"
 
 @dataclasses.dataclass(frozen=True)
 class TensorRef:
-    """A tensor in the graph: output `index` of node `node` of layer `layer`."""
+    """A tensor in the graph: output `index` of node `node` of layer `layer` (Keras's keras_history).
+
+    Example:
+    >>> tfpar.parallel.graph.TensorRef("block1_conv1", 0, 0)
+    TensorRef(layer='block1_conv1', node=0, index=0)
+    """
 
     layer: str
     node: int
@@ -69,7 +74,13 @@ class Node:
 
 @dataclasses.dataclass(frozen=True)
 class LayerGraph:
-    """The dataflow graph of a model; see the module docstring."""
+    """The dataflow graph of a model; see the module docstring.
+
+    Example:
+    >>> graph = tfpar.parallel.graph.from_model(model)
+    >>> graph.cuts([["dense_a"], ["dense_b", "logits"]])
+    ((TensorRef(layer='features', node=0, index=0),), (TensorRef(layer='dense_a', node=0, index=0),))
+    """
 
     name: str
     inputs: tuple[InputSpec, ...]
@@ -162,7 +173,7 @@ def from_model(model: Any) -> LayerGraph:
         ValueError: If the model is not built, or calls a layer more than once.
 
     Example:
-    >>> graph = tfpar.parallel.graph.from_model(model)
+    >>> graph = tfpar.parallel.graph.from_model(tfpar.models.vgg16())
     >>> graph.layer_names[:2]
     ('block1_conv1', 'block1_conv2')
     """
@@ -199,6 +210,11 @@ def _complete_specs(graph: LayerGraph, model: Any) -> dict[TensorRef, TensorSpec
 def model_config(model: Any) -> dict[str, Any]:
     """The graph config of a model: ``{"class_name": "Functional"|"Sequential", "config": ...}``.
 
+    Example:
+    >>> tfpar.parallel.graph.model_config(tfpar.models.vgg16())["class_name"]
+    'Functional'
+
+
     Subclasses of the Functional class (keras.applications, KerasHub) often override
     ``get_config`` to return their constructor arguments; the graph config is the one of the
     Functional class itself, which is found by name in the class hierarchy (no private import).
@@ -217,7 +233,13 @@ def model_config(model: Any) -> dict[str, Any]:
 
 
 def from_config(serialized: Mapping[str, Any]) -> LayerGraph:
-    """Builds a :class:`LayerGraph` from :func:`model_config` output (pure; no TensorFlow)."""
+    """Builds a :class:`LayerGraph` from :func:`model_config` output (pure; no TensorFlow).
+
+    Example:
+    >>> config = tfpar.parallel.graph.model_config(model)
+    >>> tfpar.parallel.graph.from_config(config).layer_names == tuple(l.name for l in model.layers)
+    True
+    """
     config = serialized["config"]
     if serialized["class_name"] == "Sequential":
         return _sequential_graph(config)
@@ -350,7 +372,13 @@ def _template(value: Any, specs: dict[TensorRef, TensorSpec]) -> Any:
 
 
 def refs_in(template: Any) -> list[TensorRef]:
-    """The TensorRef leaves of a template, in order."""
+    """The TensorRef leaves of a template, in order.
+
+    Example:
+    >>> ref = tfpar.parallel.graph.TensorRef("a", 0, 0)
+    >>> tfpar.parallel.graph.refs_in(([ref], {"mask": None}))
+    [TensorRef(layer='a', node=0, index=0)]
+    """
     if isinstance(template, TensorRef):
         return [template]
     if isinstance(template, Mapping):
@@ -361,7 +389,13 @@ def refs_in(template: Any) -> list[TensorRef]:
 
 
 def fill(template: Any, lookup: Callable[[TensorRef], Any]) -> Any:
-    """Replaces each TensorRef leaf of a template with ``lookup(ref)``."""
+    """Replaces each TensorRef leaf of a template with ``lookup(ref)``.
+
+    Example:
+    >>> ref = tfpar.parallel.graph.TensorRef("a", 0, 0)
+    >>> tfpar.parallel.graph.fill([ref, 2], {ref: 1}.__getitem__)
+    [1, 2]
+    """
     if isinstance(template, TensorRef):
         return lookup(template)
     if isinstance(template, Mapping):
@@ -374,6 +408,12 @@ def fill(template: Any, lookup: Callable[[TensorRef], Any]) -> Any:
 
 
 def unknown_layer_message(name: Any, known: Sequence[str], model_name: str) -> str:
+    """The ValueError message for a layer name that is not in a model, naming the closest ones.
+
+    Example:
+    >>> tfpar.parallel.graph.unknown_layer_message("fc3", ["fc1", "fc2"], "vgg16")[:49]
+    "Expected the name of a layer of model 'vgg16'. Re"
+    """
     close = difflib.get_close_matches(str(name), list(known), n=3)
     hint = f" Closest layer names: {close}." if close else ""
     shown = list(known[:8]) + (["..."] if len(known) > 8 else [])

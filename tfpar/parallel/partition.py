@@ -194,7 +194,13 @@ def check_inputs(
     memory: Sequence[float] | None,
     memory_limits: Sequence[float | None] | None,
 ) -> None:
-    """Validates partition arguments; ValueError/TypeError saying what was expected."""
+    """Validates partition arguments; ValueError/TypeError saying what was expected.
+
+    Example:
+    >>> tfpar.parallel.partition.check_inputs([1.0, 2.0], 3, None, None, None)
+    Traceback (most recent call last):
+    ValueError: Expected between 1 and 2 stages ...
+    """
     if isinstance(num_stages, bool) or not isinstance(num_stages, int):
         raise TypeError(
             f"Expected num_stages to be an int. Received: num_stages={num_stages!r} "

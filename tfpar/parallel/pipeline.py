@@ -26,7 +26,11 @@ AUTO_CANDIDATES = (1, 2, 4, 8, 16)
 
 
 def check_microbatches(microbatches: Any, *, allow_none: bool = False) -> None:
-    """Raises TypeError/ValueError unless `microbatches` is an int >= 1 or ``"auto"``."""
+    """Raises TypeError/ValueError unless `microbatches` is an int >= 1 or ``"auto"``.
+
+    Example:
+    >>> tfpar.parallel.pipeline.check_microbatches("auto")
+    """
     if microbatches is None and allow_none:
         return
     if microbatches == AUTO and isinstance(microbatches, str):
@@ -77,7 +81,12 @@ def schedule(num_stages: int, microbatches: int) -> list[list[tuple[str, int] | 
 
 @dataclasses.dataclass(frozen=True)
 class Simulation:
-    """Result of :func:`simulate`: step makespan and the idle fraction of the stage-time."""
+    """Result of :func:`simulate`: step makespan and the idle fraction of the stage-time.
+
+    Example:
+    >>> tfpar.parallel.pipeline.simulate([1.0], 1)
+    Simulation(makespan=3.0, bubble=0.0)
+    """
 
     makespan: float
     bubble: float
@@ -99,7 +108,7 @@ def simulate(stage_times: Sequence[float], microbatches: int, *, backward_ratio:
         latter is exactly :func:`bubble_fraction`.
 
     Example:
-    >>> tfpar.parallel.pipeline.simulate([1.0, 1.0], 4).bubble
+    >>> round(tfpar.parallel.pipeline.simulate([1.0, 1.0], 4).bubble, 6)
     0.2
     """
     p, m = len(stage_times), microbatches
@@ -124,12 +133,23 @@ def simulate(stage_times: Sequence[float], microbatches: int, *, backward_ratio:
 
 
 def microbatch_bounds(batch: tf.Tensor, microbatches: int) -> list[tf.Tensor]:
-    """Start offsets ``floor(i * B / m)`` for ``i = 0..m`` of a dynamic batch size ``B``."""
+    """Start offsets ``floor(i * B / m)`` for ``i = 0..m`` of a dynamic batch size ``B``.
+
+    Example:
+    >>> [int(b) for b in tfpar.parallel.pipeline.microbatch_bounds(tf.constant(7), 3)]
+    [0, 2, 4, 7]
+    """
     return [(batch * i) // microbatches for i in range(microbatches + 1)]
 
 
 def split_batch(tensor: tf.Tensor, bounds: Sequence[tf.Tensor]) -> list[tf.Tensor]:
-    """Cuts a batch-major tensor into the micro-batches given by `bounds` (sizes differ by <= 1)."""
+    """Cuts a batch-major tensor into the micro-batches given by `bounds` (sizes differ by <= 1).
+
+    Example:
+    >>> x = tf.zeros((7, 2))
+    >>> [p.shape[0] for p in tfpar.parallel.pipeline.split_batch(x, [0, 2, 4, 7])]
+    [2, 2, 3]
+    """
     return [tensor[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
 
 

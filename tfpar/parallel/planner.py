@@ -40,6 +40,11 @@ class Stage:
             :func:`tfpar.parallel.cost.layer_memory`).
         memory_limit: The device's memory limit in bytes, or None.
         receives: Bytes per example the stage receives from earlier stages and the model inputs.
+
+    Example:
+    >>> stage = tfpar.parallel.plan(model, ["cpu:0", "cpu:1"]).stages[1]
+    >>> stage.device, stage.layers[0]
+    ('/device:CPU:1', 'block3_conv3')
     """
 
     index: int
@@ -67,6 +72,11 @@ class Plan:
         layer_memory: ``{layer name: bytes}``.
         microbatches: Micro-batches per step the plan is evaluated for.
         batch_size: Examples per step the memory model assumes.
+
+    Example:
+    >>> plan = tfpar.parallel.plan(model, ["cpu:0", "cpu:1"], microbatches=4)
+    >>> plan.bubble
+    0.2
     """
 
     model_name: str
@@ -225,9 +235,10 @@ def plan(
 
     Example:
     >>> import tfpar
+    >>> model = tfpar.models.vgg16(input_shape=(32, 32, 3), num_classes=10)
     >>> plan = tfpar.parallel.plan(model, ["cpu:0", "cpu:1"], balance="flops")
     >>> [len(stage.layers) for stage in plan.stages]
-    [9, 14]
+    [8, 16]
     """
     _check_arguments(balance, microbatches, batch_size, optimizer_slots, split_points, time_repeats)
     graph = graph_lib.from_model(model)

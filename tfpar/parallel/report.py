@@ -28,13 +28,21 @@ _PLUMBING = {"_Send", "_Recv", "_Arg", "_Retval", "_DeviceArg", "_DeviceRetval",
              "_EagerConst", "Identity", "IdentityN", "ReadVariableOp", "_HostSend", "_HostRecv"}
 _TRANSFERS = {"_Send", "_HostSend"}
 _PLUGIN = "graph_run_metadata_graph"
+# Name scope of the reported step: the exported run metadata also holds graphs of unrelated eager
+# ops executed earlier in the process, which are dropped by looking for it.
+_MARK = "tfpar_placement_report"
 
 
 # === Plan table and plot ===
 
 
 def format_cost(value: float, unit: str) -> str:
-    """A cost in its unit, e.g. ``15.5 GFLOPs/example``, ``138.4 M parameters``, ``1.2 GiB``."""
+    """A cost with a metric prefix (bytes in binary units, seconds in milliseconds).
+
+    Example:
+    >>> tfpar.parallel.report.format_cost(15.5e9, "FLOPs/example")
+    '15.50G'
+    """
     if unit == "bytes":
         return cost_lib.format_bytes(value)
     if unit == "seconds":
@@ -46,7 +54,11 @@ def format_cost(value: float, unit: str) -> str:
 
 
 def format_plan(plan: Any) -> str:
-    """The text table behind ``Plan.summary()``."""
+    """The text table behind ``Plan.summary()``.
+
+    Example:
+    >>> print(tfpar.parallel.report.format_plan(tfpar.parallel.plan(model, 2)))
+    """
     total = sum(stage.cost for stage in plan.stages) or 1.0
     heaviest = max(plan.stages, key=lambda stage: stage.load)
     header = (
@@ -77,7 +89,11 @@ def format_plan(plan: Any) -> str:
 
 
 def plot_plan(plan: Any, ax: Any = None) -> Any:
-    """Bar chart of each stage's load with the mean load dashed; returns the Figure."""
+    """Bar chart of each stage's load with the mean load dashed; returns the Figure.
+
+    Example:
+    >>> fig = tfpar.parallel.report.plot_plan(tfpar.parallel.plan(model, 4))
+    """
     import matplotlib.pyplot as plt
 
     if ax is None:
@@ -129,6 +145,8 @@ class OpRecord:
 class PlacementReport:
     """Where a model's ops and variables are, from the graph TensorFlow executed.
 
+    Build it with :func:`placement_report`; ``print(report)`` shows the table.
+
     Attributes:
         model_name: The model's name.
         planned: ``{layer: device}`` for a split model, else None.
@@ -137,6 +155,11 @@ class PlacementReport:
             the loss or micro-batch slicing) and phase (``"forward"`` or ``"backward"``).
         variables: ``(weight path, device)`` for every weight.
         transfers: Number of cross-device sends in the executed graph.
+
+    Example:
+    >>> report = tfpar.parallel.placement_report(placed, x[:4])
+    >>> report.misplaced()
+    []
     """
 
     model_name: str
@@ -239,7 +262,7 @@ def placement_report(model: Any, inputs: Any, *, training: bool = True, gradient
 
     @tf.function
     def step(x: Any) -> Any:
-        with tf.GradientTape() as tape:
+        with tf.GradientTape() as tape, tf.name_scope(_MARK):
             outputs = model(x, training=training)
             total = tf.add_n([tf.constant(0.0)] + [
                 tf.reduce_sum(tf.cast(o, tf.float32)) for o in keras.tree.flatten(outputs)
@@ -293,8 +316,9 @@ def _executed_nodes(step: Any, inputs: Any) -> list[tuple[str, str, str]]:
                         continue
                     run_metadata = tf.compat.v1.RunMetadata.FromString(value.tensor.string_val[0])
                     for function_graph in run_metadata.function_graphs:
-                        for graph in function_graph.partition_graphs:
-                            nodes.extend((n.name, n.op, n.device) for n in graph.node)
+                        found = [(n.name, n.op, n.device) for g in function_graph.partition_graphs for n in g.node]
+                        if any(_MARK in name for name, _, _ in found):
+                            nodes.extend(found)
     finally:
         shutil.rmtree(logdir, ignore_errors=True)
     if not nodes:

@@ -71,11 +71,17 @@ class SplitModel(keras.Model):
     every weight's path is ``"<layer name>/<weight name>"``.
 
     Attributes:
-        plan: The :class:`~tfpar.parallel.Plan` it was built from.
+        plan: The :class:`~tfpar.parallel.Plan` it was built from, with ``plan.microbatches`` set
+            to the micro-batch count the model runs with.
         microbatches: Micro-batches per step.
         batch_norm: ``"full_batch"`` or ``"microbatch"`` (see the module docstring).
         microbatch_timings: With ``microbatches="auto"``, the measured seconds per step of each
             candidate; otherwise None.
+
+    Example:
+    >>> placed = tfpar.parallel.split(model, ["cpu:0", "cpu:1"], microbatches=4)
+    >>> placed.get_layer("fc1").kernel.path
+    'fc1/kernel'
     """
 
     def __init__(
@@ -101,7 +107,7 @@ class SplitModel(keras.Model):
         # resolves jit_compile="auto" to False and warns on jit_compile=True.
         self.supports_jit = False
         self._model_config = types.MappingProxyType(dict(model_config))
-        self._plan = plan
+        self._plan = dataclasses.replace(plan, microbatches=microbatches)
         self._microbatches = microbatches
         self._batch_norm = batch_norm
         self._timings = None if microbatch_timings is None else types.MappingProxyType(
@@ -357,8 +363,10 @@ def split(
     config = graph_lib.model_config(model)
     graph_lib.from_model(model).check_order([n for stage in the_plan.stages for n in stage.layers])
     m = the_plan.microbatches if microbatches is None else microbatches
-    placed = SplitModel(config, the_plan, microbatches=1 if m == pipeline.AUTO else m,
-                        batch_norm=batch_norm, name=model.name)
+    start = 1 if m == pipeline.AUTO else m
+    # The model's plan records the micro-batch count it runs with (bubble, predicted step time).
+    placed = SplitModel(config, dataclasses.replace(the_plan, microbatches=start),
+                        microbatches=start, batch_norm=batch_norm, name=model.name)
     originals = cost_lib.layers_by_name(model)
     for layer in placed.split_layers:
         layer.set_weights(originals[layer.name].get_weights())
@@ -402,6 +410,7 @@ def _tune(model: SplitModel, batch_size: int) -> dict[int, float]:
 
 def _with_microbatches(model: SplitModel, m: int, timings: Mapping[int, float]) -> SplitModel:
     model._microbatches = m
+    model._plan = dataclasses.replace(model._plan, microbatches=m)
     model._timings = types.MappingProxyType(dict(timings))
     return model
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -25,7 +27,8 @@ def _per_replica(strategy, distributed):
 
 
 def test_each_replica_gets_its_own_full_batch(mirrored):
-    steps = _per_replica(mirrored, td.distribute(mirrored, tf.data.Dataset.range(70), 16))
+    distributed = td.distribute(mirrored, tf.data.Dataset.range(70), 16, deterministic=True)
+    steps = _per_replica(mirrored, distributed)
     assert len(steps) == 4  # 70 // 16 full global batches
     for step in steps:
         assert [len(b) for b in step] == [4, 4, 4, 4]
@@ -73,7 +76,9 @@ def test_fit_on_distributed_data_matches_single_device(mirrored):
     single.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
     with mirrored.scope():
         parallel = build()
-    parallel.fit(td.distribute(mirrored, td.from_numpy(x, y), 16), epochs=2, verbose=0)
+    # deterministic=True: the batches keep their order, as in single-device training.
+    parallel.fit(td.distribute(mirrored, td.from_numpy(x, y), 16, deterministic=True), epochs=2,
+                 verbose=0)
     for a, b in zip(single.get_weights(), parallel.get_weights()):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
@@ -102,3 +107,10 @@ def test_argument_errors(mirrored, args, error, match):
     strategy = mirrored if args[0] is None else args[0]
     with pytest.raises(error, match=match):
         td.distribute(strategy, *args[1:])
+
+
+def test_file_cache_is_named_per_input_pipeline(mirrored, tmp_path):
+    distributed = td.distribute(mirrored, tf.data.Dataset.range(32), 16, cache=str(tmp_path / "c"))
+    first = sorted(v for step in _per_replica(mirrored, distributed) for b in step for v in b)
+    assert first == list(range(32))
+    assert any(name.startswith("c-0") for name in os.listdir(tmp_path))

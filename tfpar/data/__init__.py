@@ -18,13 +18,20 @@ from tfpar.data.readers import (
     read_tfrecords,
     write_tfrecords,
 )
-from tfpar.data.shard import choose_policy, set_auto_shard_policy, shard, source_files
+from tfpar.data.shard import (
+    check_deterministic,
+    choose_policy,
+    set_auto_shard_policy,
+    shard,
+    source_files,
+)
 from tfpar.data.split import split
 
 __all__ = [
     "Imputation",
     "IncrementalFiles",
     "IncrementalTrainer",
+    "check_deterministic",
     "choose_policy",
     "compute_statistics",
     "distribute",

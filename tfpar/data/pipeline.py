@@ -26,7 +26,7 @@ import importlib
 import logging
 import numbers
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import tensorflow as tf
 
@@ -83,7 +83,7 @@ def pipeline(
     >>> ds = tfpar.data.pipeline(ds, batch_size=32, shuffle=1000, seed=0,
     ...                          augment_fn=lambda x, y: (tf.image.random_flip_left_right(x), y))
     """
-    shard_lib._check_dataset(dataset)
+    shard_lib.check_dataset(dataset)
     _check_options(batch_size, map_fn, augment_fn, cache, shuffle, seed, drop_remainder,
                    deterministic)
     if cache is not False and int(dataset.cardinality()) == tf.data.INFINITE_CARDINALITY:
@@ -101,7 +101,7 @@ def distribute(
     data: tf.data.Dataset | DatasetFn,
     global_batch_size: int,
     *,
-    policy: str = "auto",
+    policy: Literal["auto", "file", "data"] = "auto",
     map_fn: Callable[..., Any] | None = None,
     augment_fn: Callable[..., Any] | None = None,
     cache: bool | str = True,
@@ -168,8 +168,8 @@ def distribute(
             "Expected `data` to be a tf.data.Dataset or a function InputContext -> Dataset. "
             f"Received: data={data!r} (of type {type(data).__name__})"
         )
-    shard_lib._check_count("global_batch_size", global_batch_size, minimum=1)
-    shard_lib._check_policy(policy)
+    shard_lib.check_count("global_batch_size", global_batch_size, minimum=1)
+    shard_lib.check_policy(policy)
     _check_options(None, map_fn, augment_fn, cache, shuffle, seed, drop_remainder, deterministic)
     replicas = strategy.num_replicas_in_sync
     per_replica = per_replica_batch_size(int(global_batch_size), replicas)
@@ -213,11 +213,12 @@ def per_replica_batch_size(global_batch_size: int, num_replicas: int) -> int:
         ValueError: If it does not divide evenly; the message names the nearest valid sizes.
 
     Example:
-    >>> tfpar.data.pipeline.per_replica_batch_size(64, 4)
+    >>> from tfpar.data.pipeline import per_replica_batch_size  # tfpar.data.pipeline is the function
+    >>> per_replica_batch_size(64, 4)
     16
     """
-    shard_lib._check_count("global_batch_size", global_batch_size, minimum=1)
-    shard_lib._check_count("num_replicas", num_replicas, minimum=1)
+    shard_lib.check_count("global_batch_size", global_batch_size, minimum=1)
+    shard_lib.check_count("num_replicas", num_replicas, minimum=1)
     if global_batch_size % num_replicas:
         lower = (global_batch_size // num_replicas) * num_replicas
         upper = lower + num_replicas
@@ -286,9 +287,9 @@ def _check_options(
     deterministic: object,
 ) -> None:
     if batch_size is not None:
-        shard_lib._check_count("batch_size", batch_size, minimum=1)
+        shard_lib.check_count("batch_size", batch_size, minimum=1)
     if shuffle is not None:
-        shard_lib._check_count("shuffle", shuffle, minimum=1)
+        shard_lib.check_count("shuffle", shuffle, minimum=1)
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"Expected `seed` to be an int or None. Received: seed={seed!r}")

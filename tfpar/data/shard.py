@@ -87,19 +87,20 @@ def shard_with_policy(
     """Like :func:`shard`, and also returns the policy used (``"file"``, ``"data"`` or ``"off"``).
 
     Example:
-    >>> ds, used = tfpar.data.shard.shard_with_policy(tf.data.Dataset.range(8), 2, 1)
+    >>> from tfpar.data.shard import shard_with_policy  # tfpar.data.shard is the function
+    >>> ds, used = shard_with_policy(tf.data.Dataset.range(8), 2, 1)
     >>> used
     'data'
     """
-    _check_dataset(dataset)
-    _check_count("num_shards", num_shards, minimum=1)
-    _check_count("index", index, minimum=0)
+    check_dataset(dataset)
+    check_count("num_shards", num_shards, minimum=1)
+    check_count("index", index, minimum=0)
     if index >= num_shards:
         raise ValueError(
             f"Expected 0 <= index < num_shards. Received: index={index}, num_shards={num_shards}. "
             f"Valid indices are 0..{num_shards - 1}."
         )
-    _check_policy(policy)
+    check_policy(policy)
     num_shards, index = int(num_shards), int(index)
     if num_shards == 1:
         logger.info("tfpar.data.shard: 1 shard, the dataset is returned whole")
@@ -135,8 +136,8 @@ def choose_policy(dataset: tf.data.Dataset, num_shards: int) -> Literal["file", 
     >>> tfpar.data.choose_policy(tf.data.TFRecordDataset(eight_files), 4)
     'file'
     """
-    _check_dataset(dataset)
-    _check_count("num_shards", num_shards, minimum=1)
+    check_dataset(dataset)
+    check_count("num_shards", num_shards, minimum=1)
     chosen, _ = _choose(dataset, num_shards, "auto")
     return chosen  # type: ignore[return-value]
 
@@ -158,7 +159,7 @@ def source_files(dataset: tf.data.Dataset) -> list[str]:
     >>> tfpar.data.source_files(tfpar.data.read_tfrecords("/data/train-*.tfrecord"))
     ['/data/train-0.tfrecord', '/data/train-1.tfrecord']
     """
-    _check_dataset(dataset)
+    check_dataset(dataset)
     return list(_inspect(dataset).files)
 
 
@@ -183,8 +184,8 @@ def set_auto_shard_policy(dataset: tf.data.Dataset, num_workers: int) -> tf.data
     >>> ds.options().experimental_distribute.auto_shard_policy
     <AutoShardPolicy.OFF: -1>
     """
-    _check_dataset(dataset)
-    _check_count("num_workers", num_workers, minimum=1)
+    check_dataset(dataset)
+    check_count("num_workers", num_workers, minimum=1)
     current = dataset.options().experimental_distribute.auto_shard_policy
     if current != tf.data.experimental.AutoShardPolicy.AUTO:
         return dataset
@@ -214,7 +215,9 @@ def check_deterministic(dataset: tf.data.Dataset, purpose: str) -> None:
         ValueError: Naming each problem found and how to fix it.
 
     Example:
-    >>> tfpar.data.shard.check_deterministic(ds.shuffle(100, seed=1), "DATA sharding")
+    >>> tfpar.data.check_deterministic(tf.data.Dataset.range(9).shuffle(9), "DATA sharding")
+    Traceback (most recent call last):
+    ValueError: DATA sharding needs the same element order in every process and every epoch, ...
     """
     problems, unverifiable = _graph.find_nondeterminism(dataset)
     if problems:
@@ -237,6 +240,37 @@ def check_deterministic(dataset: tf.data.Dataset, purpose: str) -> None:
             f"needs: {'; '.join(unverifiable)}. tfpar proceeds; give every random op a fixed "
             "seed, or shard before shuffling.",
             stacklevel=3,
+        )
+
+
+# === argument checks, shared by the tfpar.data modules ===
+
+
+def check_dataset(dataset: object) -> None:
+    """Raises TypeError unless `dataset` is a ``tf.data.Dataset`` (shared argument check)."""
+    if not isinstance(dataset, tf.data.Dataset):
+        raise TypeError(
+            "Expected a tf.data.Dataset (for numpy arrays use tfpar.data.from_numpy). "
+            f"Received: dataset={dataset!r} (of type {type(dataset).__name__})"
+        )
+
+
+def check_count(name: str, value: object, *, minimum: int) -> None:
+    """Raises unless `value` is an int >= `minimum` (shared argument check)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"Expected `{name}` to be an int. Received: {name}={value!r} "
+            f"(of type {type(value).__name__})"
+        )
+    if value < minimum:
+        raise ValueError(f"Expected `{name}` >= {minimum}. Received: {name}={value}")
+
+
+def check_policy(policy: object) -> None:
+    """Raises ValueError unless `policy` is one of :data:`POLICIES` (shared argument check)."""
+    if policy not in POLICIES:
+        raise ValueError(
+            f"Expected policy to be one of {list(POLICIES)}. Received: policy={policy!r}"
         )
 
 
@@ -353,28 +387,3 @@ def _without_auto_shard(dataset: tf.data.Dataset) -> tf.data.Dataset:
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return dataset.with_options(options)
-
-
-def _check_dataset(dataset: object) -> None:
-    if not isinstance(dataset, tf.data.Dataset):
-        raise TypeError(
-            "Expected a tf.data.Dataset (for numpy arrays use tfpar.data.from_numpy). "
-            f"Received: dataset={dataset!r} (of type {type(dataset).__name__})"
-        )
-
-
-def _check_count(name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"Expected `{name}` to be an int. Received: {name}={value!r} "
-            f"(of type {type(value).__name__})"
-        )
-    if value < minimum:
-        raise ValueError(f"Expected `{name}` >= {minimum}. Received: {name}={value}")
-
-
-def _check_policy(policy: object) -> None:
-    if policy not in POLICIES:
-        raise ValueError(
-            f"Expected policy to be one of {list(POLICIES)}. Received: policy={policy!r}"
-        )

@@ -66,7 +66,7 @@ def split(
     >>> sorted(train.concatenate(val).as_numpy_iterator()) == list(range(10))
     True
     """
-    shard_lib._check_dataset(dataset)
+    shard_lib.check_dataset(dataset)
     parts = _check_fractions(fractions)
     if mode not in MODES:
         raise ValueError(f"Expected mode to be one of {list(MODES)}. Received: mode={mode!r}")

@@ -226,3 +226,28 @@ def test_errors(virtual_devices):
     with pytest.warns(UserWarning, match="jit_compile"):
         placed.compile(optimizer="sgd", loss="mse", jit_compile=True)
     assert placed.jit_compile is False
+
+
+def test_optimizer_update_runs_on_the_stage_devices(virtual_devices):
+    """Adam's per-variable vector math follows each gradient to its stage; only the scalar step
+    and learning-rate math stays with the optimizer's iteration counter on the default device."""
+    from tfpar.parallel import report
+
+    model = _sequential()
+    placed = split(model, make_plan(model, virtual_devices[1:4], balance=[1, 2, 1]), microbatches=2)
+    placed.compile(optimizer="adam", loss="mse")
+    x = np.ones((4, 6), "float32")
+    y = np.zeros((4, 3), "float32")
+    placed.train_on_batch(x, y)  # builds the optimizer; the next traced step is the one reported
+    placed.make_train_function(force=True)
+    nodes = report._executed_nodes(lambda data: tf.constant(placed.train_on_batch(data, y)), x, mark="tfpar_s")
+    subs = [device for name, op, device in nodes if op == "Sub" and name.startswith("adam/")]
+    n_vars = len(placed.trainable_variables)
+    on_default = sum(d.endswith(virtual_devices[0]) for d in subs)
+    # Per variable, Adam has 2 scalar subtractions (1 - beta**t) and 2 vector ones (g - m, g^2 - v).
+    assert len(subs) == 4 * n_vars
+    assert on_default == 2 * n_vars
+    for device in virtual_devices[1:4]:
+        assert any(d.endswith(device) for d in subs)
+    slots = {v.value.device.split("/device:")[-1] for v in placed.optimizer.variables if v.shape.rank}
+    assert slots == {d.split("/device:")[-1] for d in virtual_devices[1:4]}

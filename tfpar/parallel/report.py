@@ -291,7 +291,7 @@ def placement_report(model: Any, inputs: Any, *, training: bool = True, gradient
     )
 
 
-def _executed_nodes(step: Any, inputs: Any) -> list[tuple[str, str, str]]:
+def _executed_nodes(step: Any, inputs: Any, mark: str = _MARK) -> list[tuple[str, str, str]]:
     logdir = tempfile.mkdtemp(prefix="tfpar_placement_")
     writer = tf.summary.create_file_writer(logdir)
     try:
@@ -317,7 +317,7 @@ def _executed_nodes(step: Any, inputs: Any) -> list[tuple[str, str, str]]:
                     run_metadata = tf.compat.v1.RunMetadata.FromString(value.tensor.string_val[0])
                     for function_graph in run_metadata.function_graphs:
                         found = [(n.name, n.op, n.device) for g in function_graph.partition_graphs for n in g.node]
-                        if any(_MARK in name for name, _, _ in found):
+                        if any(mark in name for name, _, _ in found):
                             nodes.extend(found)
     finally:
         shutil.rmtree(logdir, ignore_errors=True)

@@ -12,7 +12,15 @@ without any device, so they all land on the default device. A :class:`SplitModel
 4. with ``microbatches = m > 1``, cuts the batch into ``m`` micro-batches inside the one traced
    step; TensorFlow's dataflow executor then overlaps stage ``s`` of micro-batch ``i`` with stage
    ``s + 1`` of micro-batch ``i - 1`` (GPipe). The loss is computed on the concatenated outputs, so
-   the gradient is the sum of the micro-batch gradients: exactly the full-batch gradient.
+   the gradient is the sum of the micro-batch gradients: exactly the full-batch gradient;
+5. in ``fit``, builds the optimizer eagerly so every slot variable is colocated with its variable
+   (Keras otherwise builds it inside the traced step, where every slot lands on the default
+   device), and traces the step under a device function that puts each unplaced op (the loss,
+   each variable's update arithmetic) with its largest placed input.
+
+One thing remains off-plan: Keras sums gradients over replicas even for a single replica, with an
+``IdentityN`` over all gradients that TensorFlow puts on the default device, so each gradient makes
+a round trip through it (harmless for virtual CPUs; on GPUs a transfer of the gradients per step).
 
 BatchNormalization with micro-batches: normalizing each micro-batch with its own statistics (GPipe's
 default) changes the outputs, the gradients and the moving averages. tfpar's default,
@@ -232,7 +240,8 @@ class SplitModel(keras.Model):
 
             return flat_outputs, grad
 
-        flat_outputs = stage(*flat_inputs)
+        with tf.device(device):  # the IdentityN that tf.custom_gradient adds goes here too
+            flat_outputs = stage(*flat_inputs)
         n_out = len(self._wiring.sends[s])
         return [list(flat_outputs[i * n_out:(i + 1) * n_out]) for i in range(m)]
 
@@ -264,6 +273,17 @@ class SplitModel(keras.Model):
         return [[values[i][ref] for ref in wiring.sends[s]] for i in range(m)]
 
     # === Keras integration ===
+
+    def train_step(self, data: Any) -> Any:
+        # TensorFlow creates the loss and the optimizer's update arithmetic without a device, so
+        # they would all run on the default device. Inside the traced step, a device function puts
+        # each such op where its first placed input is: the loss after the last stage, each
+        # variable's update with its gradient (on the variable's stage). Ops that already have a
+        # device (every stage op) and ops on resources (colocated by TensorFlow) are left alone.
+        if tf.executing_eagerly():
+            return super().train_step(data)
+        with tf.compat.v1.device(_follow_inputs):
+            return super().train_step(data)
 
     def make_train_function(self, force: bool = False) -> Any:
         # Keras builds the optimizer lazily inside the traced train step when no strategy is
@@ -413,6 +433,56 @@ def _with_microbatches(model: SplitModel, m: int, timings: Mapping[int, float]) 
     model._plan = dataclasses.replace(model._plan, microbatches=m)
     model._timings = types.MappingProxyType(dict(timings))
     return model
+
+
+def _follow_inputs(op: Any) -> str:
+    """Device function: an unplaced op goes where its largest placed input is."""
+    if op.device:
+        return op.device
+    if op.type == "IdentityN" or any(t.dtype == tf.resource for t in op.inputs):
+        # IdentityN wraps every gradient at once (Keras's all-reduce); resource ops are colocated
+        # with their variable by TensorFlow. Neither should pull tensors to one device.
+        return ""
+    best, size = "", -1
+    for tensor in op.inputs:
+        device = _device_of(tensor)
+        elements = tensor.shape.num_elements()
+        elements = 1 << 62 if elements is None else elements
+        if device and elements > size:
+            best, size = device, elements
+    return best
+
+
+def _device_of(tensor: Any, depth: int = 0) -> str:
+    """The device of a tensor, looking through identity ops that were left unplaced."""
+    if tensor.device or depth > 8:
+        return _local(tensor.device)
+    op = tensor.op
+    if op.type == "Identity":
+        return _device_of(op.inputs[0], depth + 1)
+    if op.type == "IdentityN":
+        return _device_of(op.inputs[tensor.value_index], depth + 1)
+    if op.type == "ReadVariableOp":
+        return _resource_device(op.inputs[0])
+    return ""
+
+
+def _local(device: str) -> str:
+    """``/job:localhost/replica:0/task:0/device:CPU:1`` -> ``/device:CPU:1`` (one spelling)."""
+    prefix = "/job:localhost/replica:0/task:0"
+    return device[len(prefix):] if device.startswith(prefix + "/device:") else device
+
+
+def _resource_device(handle: Any) -> str:
+    """Device of the variable behind a resource handle captured into a traced function."""
+    for _ in range(8):  # a handle may be captured through nested function graphs
+        if handle.device:
+            return _local(handle.device)
+        outer = next((ext for ext, inner in getattr(handle.graph, "captures", ()) if inner is handle), None)
+        if outer is None:
+            return ""
+        handle = outer
+    return ""
 
 
 def _call(layer: Any, node: graph_lib.Node, values: Mapping[graph_lib.TensorRef, Any]) -> list[Any]:

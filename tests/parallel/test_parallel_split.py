@@ -241,7 +241,10 @@ def test_optimizer_update_runs_on_the_stage_devices(virtual_devices):
     placed.train_on_batch(x, y)  # builds the optimizer; the next traced step is the one reported
     placed.make_train_function(force=True)
     nodes = report._executed_nodes(lambda data: tf.constant(placed.train_on_batch(data, y)), x, mark="tfpar_s")
-    subs = [device for name, op, device in nodes if op == "Sub" and name.startswith("adam/")]
+    scope = placed.optimizer.name  # "adam", "adam_1", ... (unique per process)
+    # By name: a traced step nested in another function (Keras's multi-step wrapper) is exported
+    # both inlined and on its own.
+    subs = list({name: device for name, op, device in nodes if op == "Sub" and name.split("/")[0] == scope}.values())
     n_vars = len(placed.trainable_variables)
     on_default = sum(d.endswith(virtual_devices[0]) for d in subs)
     # Per variable, Adam has 2 scalar subtractions (1 - beta**t) and 2 vector ones (g - m, g^2 - v).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import keras
@@ -143,3 +144,46 @@ def test_incremental_files_state_round_trips_through_a_checkpoint(tmp_path):
 def test_errors(tmp_path, build, error, match):
     with pytest.raises(error, match=match):
         build(str(tmp_path / "*.tfrecord"), str(tmp_path / "ckpt"))
+
+
+def test_incremental_rounds_under_a_mirrored_strategy_match_single_device(tmp_path, virtual_devices):
+    import tfpar
+
+    data = tmp_path / "incoming"
+    pattern = str(data / "*.tfrecord")
+    _write_round(data, 0, 16, "a")
+    strategy = tfpar.get_strategy("mirrored", devices=virtual_devices[:2])
+
+    def sgd_model():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        model.compile(keras.optimizers.SGD(0.1), "mse")
+        return model
+
+    def make(files, calls):
+        calls.append([os.path.basename(f)[0] for f in files])
+        dataset = td.read_tfrecords(files, features="infer")
+        return dataset.map(lambda e: (e["x"], tf.cast(e["y"], tf.float32))).batch(4)
+
+    def rounds(scope, checkpoints):  # scope: a function returning a fresh context manager
+        # Round 1, a restart, new data, round 2: each time a fresh model restored from disk.
+        calls, weights = [], None
+        for _ in range(2):
+            with scope():
+                model = sgd_model()
+            trainer = td.IncrementalTrainer(model, pattern, lambda f: make(f, calls), checkpoints)
+            if weights is not None:
+                for a, b in zip(weights, model.get_weights()):
+                    np.testing.assert_array_equal(a, b)
+            trainer.fit_new_data(epochs=1, verbose=0)
+            weights = model.get_weights()
+            if not os.path.exists(data / "b-00000-of-00001.tfrecord"):
+                _write_round(data, 16, 8, "b")
+        return calls, weights
+
+    mirrored_calls, mirrored = rounds(strategy.scope, str(tmp_path / "ckpt_mirrored"))
+    os.remove(data / "b-00000-of-00001.tfrecord")  # the same arrival again, without a strategy
+    single_calls, single = rounds(contextlib.nullcontext, str(tmp_path / "ckpt_single"))
+    assert mirrored_calls == single_calls == [["a"], ["b"]]  # only the new file, once
+    for a, b in zip(single, mirrored):  # the same examples, once each, in the same order
+        np.testing.assert_allclose(a, b, atol=1e-5)

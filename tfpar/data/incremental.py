@@ -162,8 +162,12 @@ class IncrementalTrainer:
     """Trains a compiled Keras model round by round on the data files that arrived since.
 
     On construction it restores the latest checkpoint in `checkpoint_dir` (weights, optimizer
-    state, and which files were consumed), if there is one. Each :meth:`fit_new_data` call then
-    trains on the new files only and saves a checkpoint.
+    state, and which files were consumed), if there is one, in the model's strategy scope. Each
+    :meth:`fit_new_data` call then trains on the new files only and saves a checkpoint.
+
+    Under a ``tf.distribute`` strategy, Keras 3 reads a first batch of the dataset an extra time for
+    its symbolic build the first time a model is fit (with prefetching, a small dataset may be read
+    whole); the examples are still trained on once.
 
     Args:
         model: A compiled, built ``keras.Model`` (create it in the strategy scope, if any).
@@ -218,15 +222,20 @@ class IncrementalTrainer:
         self.model = model
         self.files = IncrementalFiles(patterns)
         self.make_dataset = make_dataset
-        # Create the optimizer's slot variables now, so a restore fills them too.
-        model.optimizer.build(model.trainable_variables)
+        # The model's strategy (the default one outside any scope): optimizer variables must be
+        # created in the scope the model was built in.
+        self.strategy = getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy()
+        with self.strategy.scope():
+            # Create the optimizer's slot variables now, so a restore fills them too.
+            model.optimizer.build(model.trainable_variables)
         self.checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, data=self.files)
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, os.fspath(checkpoint_dir), max_to_keep=max_to_keep
         )
         self.restored_from = self.manager.latest_checkpoint
         if self.restored_from:
-            self.checkpoint.restore(self.restored_from).assert_existing_objects_matched()
+            with self.strategy.scope():
+                self.checkpoint.restore(self.restored_from).assert_existing_objects_matched()
             logger.info(
                 "tfpar.data.incremental: restored %s (%d files already trained on)",
                 self.restored_from, len(self.files.consumed_files()),

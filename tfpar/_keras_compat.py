@@ -64,7 +64,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
+import os
+import sys
 import threading
 import warnings
 import weakref
@@ -74,6 +77,8 @@ from typing import Any, Callable
 import keras
 import numpy as np
 import tensorflow as tf
+
+from tfpar import cluster as cluster_lib
 
 VERIFIED_VERSIONS = {"tensorflow": "2.21.0", "keras": "3.15.1"}
 
@@ -180,6 +185,17 @@ def _install() -> None:
             (tf_trainer, "reduce_per_replica", _reduce_per_replica),
             (tf_trainer.TFEpochIterator, "__init__", _epoch_iterator_init),
             (array_data_adapter.ArrayDataAdapter, "get_tf_dataset", _array_dataset),
+            (tf_trainer.TensorFlowTrainer, "fit", _fit),
+            (keras.Model, "save", _model_save),
+            (keras.Model, "save_weights", _model_save_weights),
+            (keras.callbacks.ModelCheckpoint, "_save_model", _checkpoint_save_model),
+            (keras.callbacks.TensorBoard, "set_model", _tensorboard_set_model),
+            (keras.callbacks.TensorBoard, "on_train_end", _tensorboard_on_train_end),
+            (keras.callbacks.BackupAndRestore, "on_train_begin", _backup_on_train_begin),
+            (keras.callbacks.BackupAndRestore, "on_epoch_begin", _backup_on_epoch_begin),
+            (keras.callbacks.BackupAndRestore, "on_train_batch_end", _backup_on_train_batch_end),
+            (keras.callbacks.BackupAndRestore, "_save_model", _backup_save_model),
+            (keras.callbacks.BackupAndRestore, "on_train_end", _backup_on_train_end),
         ]
         missing = [f"{owner.__name__}.{name}" for owner, name, _ in targets if not hasattr(owner, name)]
         if missing:
@@ -361,12 +377,15 @@ def _make_function(self: Any, step_function: Callable[[Any], Any]) -> Callable[[
     strategy = self.distribute_strategy
     if not is_managed(strategy):
         return _UPSTREAM["TensorFlowTrainer._make_function"](self, step_function)
-    if getattr(step_function, "__name__", "") == "train_step" and strategy.num_replicas_in_sync > 1:
+    training = getattr(step_function, "__name__", "") == "train_step"
+    if training and strategy.num_replicas_in_sync > 1:
         _warn_unsynchronized_batchnorm(self, strategy)
         step_function = _exact_train_step(step_function, _needs_weighted_loss(self))
     if self.steps_per_execution == 1:
-        return _UPSTREAM["TensorFlowTrainer._make_function"](self, step_function)
-    return _multi_step_function(self, step_function, strategy)
+        function = _UPSTREAM["TensorFlowTrainer._make_function"](self, step_function)
+    else:
+        function = _multi_step_function(self, step_function, strategy)
+    return _skipping(self, function) if training else function
 
 
 def _multi_step_function(
@@ -464,48 +483,67 @@ def _reduce_per_replica(values: Any, strategy: tf.distribute.Strategy, reduction
 _SHARED_SHUFFLE = threading.local()
 
 
-def _shared_shuffle_seed(strategy: Any) -> int | None:
-    if strategy is None or not is_managed(strategy) or not _in_multi_worker_mode(strategy):
-        return None
-    spec = strategy.cluster_resolver.cluster_spec().as_dict()
-    return zlib.crc32(json.dumps(spec, sort_keys=True).encode()) & 0x7FFFFFFF
+def _shuffle_seed(strategy: Any) -> int:
+    """The shuffle seed of a fit: the same on every worker, and reproducible when seeded.
+
+    Multi-worker: derived from the cluster's shape (job names and task counts, not addresses, so a
+    restarted cluster on new ports agrees) and the seed given to keras.utils.set_random_seed.
+    One host: that seed, or a random one.
+    """
+    from keras.src.utils import rng_utils
+
+    user_seed = rng_utils.get_random_seed()
+    if _in_multi_worker_mode(strategy):
+        spec = strategy.cluster_resolver.cluster_spec().as_dict()
+        shape = json.dumps({job: len(tasks) for job, tasks in spec.items()}, sort_keys=True)
+        return (zlib.crc32(shape.encode()) ^ int(user_seed or 0)) & 0x7FFFFFFF
+    if user_seed is not None:
+        return int(user_seed) & 0x7FFFFFFF
+    return int(np.random.randint(0, 2**31 - 1))
 
 
 def _epoch_iterator_init(self: Any, distribute_strategy: Any = None, *args: Any, **kwargs: Any) -> None:
-    _SHARED_SHUFFLE.seed = _shared_shuffle_seed(distribute_strategy)
+    _SHARED_SHUFFLE.active = is_managed(distribute_strategy)
     try:
         _UPSTREAM["TFEpochIterator.__init__"](self, distribute_strategy, *args, **kwargs)
     finally:
-        _SHARED_SHUFFLE.seed = None
+        _SHARED_SHUFFLE.active = False
 
 
 def _array_dataset(self: Any) -> tf.data.Dataset:
-    """Keras's array dataset, with a permutation every worker agrees on (multi-worker only).
+    """Keras's array dataset, with a permutation that is a function of (seed, epoch).
 
-    Keras shuffles numpy inputs with an unseeded ``tf.random.shuffle`` per epoch; under
-    MultiWorkerMirroredStrategy each worker then draws a different permutation and keeps the
-    DATA shard of its own, so in an epoch some examples are seen several times and others never
+    Keras shuffles numpy inputs with an unseeded ``tf.random.shuffle`` per epoch. Under
+    MultiWorkerMirroredStrategy each worker then draws a different permutation and keeps the DATA
+    shard of its own, so in an epoch some examples are seen several times and others never
     (measured: 101 examples, 3 epochs, 2 workers: counts from 0 to 6 instead of 3 each;
-    tensorflow/tensorflow#56513 reports the same symptom). Here the permutation of epoch e is a
-    stateless shuffle seeded by a per-epoch number from ``Dataset.random(seed)``, with `seed`
-    derived from the cluster definition: identical on every worker, new every epoch, as PyTorch's
+    tensorflow/tensorflow#56513 reports the same symptom). And after a restart no run can redo an
+    epoch with the permutation it had. Under tfpar strategies the permutation of epoch ``e`` is a
+    stateless shuffle seeded by ``(seed, e)``: identical on every worker (see :func:`_shuffle_seed`),
+    new every epoch, and reproducible on resume (the seed is saved with backups), as PyTorch's
     DistributedSampler does.
     """
-    seed = getattr(_SHARED_SHUFFLE, "seed", None)
     upstream = _UPSTREAM["ArrayDataAdapter.get_tf_dataset"]
+    state = getattr(_SHARED_SHUFFLE, "fit_state", None)
     leaves = keras.tree.flatten(self._inputs)
     dense = all(isinstance(leaf, (np.ndarray, tf.Tensor)) for leaf in leaves)
-    if seed is None or self._shuffle in (False, "batch") or not dense:
+    if (
+        not getattr(_SHARED_SHUFFLE, "active", False)
+        or state is None
+        or self._shuffle in (False, "batch")
+        or not dense
+    ):
         return upstream(self)
     inputs = keras.tree.map_structure(tf.convert_to_tensor, keras.tree.lists_to_tuples(self._inputs))
     count, batch_size = int(self._num_samples), int(self._batch_size)
+    seed, epoch = state.seed, state.epoch
 
-    def permutation(epoch_seed: tf.Tensor) -> tf.Tensor:
+    def permutation(_: Any) -> tf.Tensor:
         return tf.random.experimental.stateless_shuffle(
-            tf.range(count, dtype=tf.int64), seed=tf.stack([epoch_seed, tf.constant(seed, tf.int64)])
+            tf.range(count, dtype=tf.int64), seed=tf.stack([seed.read_value(), epoch.read_value()])
         )
 
-    order = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(1).map(permutation)
+    order = tf.data.Dataset.from_tensors(0).map(permutation)
     batches = order.flat_map(lambda indices: tf.data.Dataset.from_tensor_slices(indices).batch(batch_size))
     dataset = batches.map(
         lambda indices: keras.tree.map_structure(lambda t: tf.gather(t, indices), inputs),
@@ -513,10 +551,269 @@ def _array_dataset(self: Any) -> tf.data.Dataset:
     )
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    # The permutation reads two variables; they are the same on every worker by construction.
+    options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
     return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
-# === 7. BatchNormalization under data parallelism ===
+# === 6. fit: epoch clock, shuffle seed, exact resume ===
+
+
+@dataclasses.dataclass
+class _FitState:
+    """Per-fit state tfpar keeps for a managed model."""
+
+    seed: tf.Variable  # shuffle seed (int64); shared by workers, saved with backups
+    epoch: tf.Variable  # the epoch being trained (int64), read by the shuffle permutation
+    skip_steps: int = 0  # steps of the first (resumed) epoch that a backup already contains
+    current_epoch: int = 0
+
+
+_FIT_STATES: "weakref.WeakKeyDictionary[Any, _FitState]" = weakref.WeakKeyDictionary()
+
+
+def fit_state(model: Any) -> _FitState | None:
+    """The state of the `fit` running on `model` under a tfpar strategy, if any."""
+    return _FIT_STATES.get(model)
+
+
+class _EpochClock(keras.callbacks.Callback):
+    def __init__(self, state: _FitState) -> None:
+        super().__init__()
+        self._state = state
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        self._state.current_epoch = epoch
+        self._state.epoch.assign(epoch)
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        self._state.skip_steps = 0
+
+
+def _fit(self: Any, *args: Any, **kwargs: Any) -> Any:
+    upstream = _UPSTREAM["TensorFlowTrainer.fit"]
+    strategy = self.distribute_strategy
+    if not is_managed(strategy):
+        return upstream(self, *args, **kwargs)
+    bound = inspect.signature(upstream).bind(self, *args, **kwargs)
+    seed = _shuffle_seed(strategy)
+    with tf.init_scope():
+        state = _FitState(
+            seed=tf.Variable(seed, dtype=tf.int64, trainable=False),
+            epoch=tf.Variable(0, dtype=tf.int64, trainable=False),
+        )
+    callbacks = bound.arguments.get("callbacks")
+    clock = _EpochClock(state)
+    if isinstance(callbacks, keras.callbacks.CallbackList):
+        callbacks.append(clock)
+    else:
+        bound.arguments["callbacks"] = [*(callbacks or []), clock]
+    _FIT_STATES[self] = state
+    _SHARED_SHUFFLE.fit_state = state
+    try:
+        return upstream(*bound.args, **bound.kwargs)
+    finally:
+        _SHARED_SHUFFLE.fit_state = None
+        _FIT_STATES.pop(self, None)
+
+
+def resume(model: Any, epoch: int, steps_done: int, seed: int | None) -> None:
+    """Makes the running fit continue at `epoch`, skipping its first `steps_done` steps."""
+    model._initial_epoch = epoch
+    state = _FIT_STATES.get(model)
+    if state is None:
+        return
+    state.skip_steps = steps_done
+    if seed is not None:
+        state.seed.assign(seed)
+
+
+def _skipping(model: Any, function: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Consumes, without training, the steps a resumed epoch already trained before its backup."""
+
+    def train_function(iterator: Any) -> Any:
+        state = _FIT_STATES.get(model)
+        if state is None or state.skip_steps <= 0:
+            return function(iterator)
+        for _ in range(min(state.skip_steps, int(model.steps_per_execution))):
+            next(iterator)
+            state.skip_steps -= 1
+        return model.get_metrics_result()
+
+    return train_function
+
+
+# === 7. Chief-only files under MultiWorkerMirroredStrategy ===
+
+
+def _non_chief_worker(model: Any) -> bool:
+    strategy = getattr(model, "_distribute_strategy", None)
+    if strategy is None or not is_managed(strategy) or not _in_multi_worker_mode(strategy):
+        return False
+    return not cluster_lib.is_chief(strategy.cluster_resolver)
+
+
+def _chief_only_save(upstream_key: str) -> Callable[..., Any]:
+    # Every worker must take part in a save (reading some variables all-reduces), but only the
+    # chief may write the real file: the others write to a temporary sibling that is removed
+    # (the multi-worker tutorial's write_filepath pattern; tf-keras did this, Keras 3 does not).
+    def save(self: Any, filepath: Any, *args: Any, **kwargs: Any) -> Any:
+        upstream = _UPSTREAM[upstream_key]
+        if not _non_chief_worker(self):
+            return upstream(self, filepath, *args, **kwargs)
+        resolver = self._distribute_strategy.cluster_resolver
+        target = cluster_lib.write_path(str(filepath), cluster=resolver)
+        try:
+            return upstream(self, target, *args, **kwargs)
+        finally:
+            cluster_lib.cleanup_write_path(str(filepath), cluster=resolver)
+
+    return save
+
+
+_model_save = _chief_only_save("Model.save")
+_model_save_weights = _chief_only_save("Model.save_weights")
+
+
+def _checkpoint_save_model(self: Any, epoch: int, batch: Any, logs: Any) -> None:
+    # Upstream checks `exists(dir)` then calls os.makedirs: two workers on one filesystem race
+    # ("FileExistsError: ... ckpt"). Creating it idempotently first closes the race.
+    if _managed_model(self):
+        directory = os.path.dirname(self._get_file_path(epoch, batch, logs))
+        if directory:
+            tf.io.gfile.makedirs(directory)
+    _UPSTREAM["ModelCheckpoint._save_model"](self, epoch, batch, logs)
+
+
+def _tensorboard_set_model(self: Any, model: Any) -> None:
+    _UPSTREAM["TensorBoard.set_model"](self, model)
+    self._tfpar_temp_log_dir = None
+    if _non_chief_worker(model):
+        resolver = model._distribute_strategy.cluster_resolver
+        self._tfpar_temp_log_dir = self.log_dir
+        self._log_write_dir = cluster_lib.write_path(self.log_dir, cluster=resolver)
+        self._train_dir = os.path.join(self._log_write_dir, "train")
+        self._val_dir = os.path.join(self._log_write_dir, "validation")
+
+
+def _tensorboard_on_train_end(self: Any, logs: Any = None) -> None:
+    _UPSTREAM["TensorBoard.on_train_end"](self, logs)
+    if getattr(self, "_tfpar_temp_log_dir", None):
+        cluster_lib.cleanup_write_path(
+            self._tfpar_temp_log_dir, cluster=self.model._distribute_strategy.cluster_resolver
+        )
+
+
+# === 8. BackupAndRestore: chief-only, exact resume, preemption ===
+
+PREEMPTED_EXIT_CODE = 42  # what a preempted worker exits with after the agreed save
+
+
+def _managed_model(callback: Any) -> bool:
+    model = getattr(callback, "model", None)
+    return model is not None and is_managed(getattr(model, "_distribute_strategy", None))
+
+
+def _backup_on_train_begin(self: Any, logs: Any = None) -> None:
+    _UPSTREAM["BackupAndRestore.on_train_begin"](self, logs)
+    if not _managed_model(self):
+        return
+    self._tfpar_in_batch = False
+    metadata = {}
+    if tf.io.gfile.exists(self._training_metadata_path):
+        with tf.io.gfile.GFile(self._training_metadata_path) as handle:
+            metadata = json.loads(handle.read())
+    if "tfpar_steps_done" in metadata:
+        resume(self.model, int(metadata["epoch"]), int(metadata["tfpar_steps_done"]), metadata.get("tfpar_seed"))
+        self._current_epoch = int(metadata["epoch"])
+        self._last_batch_seen = int(metadata["batch"])
+    self._tfpar_preemption = _preemption_handler(self)
+
+
+def _backup_on_epoch_begin(self: Any, epoch: int, logs: Any = None) -> None:
+    # Upstream only updates _current_epoch at epoch end, so a mid-epoch save in the first epoch of
+    # a resumed run records epoch 0 and a second restart starts over.
+    self._current_epoch = epoch
+
+
+def _backup_on_train_batch_end(self: Any, batch: int, logs: Any = None) -> None:
+    self._tfpar_in_batch, self._tfpar_batch = True, batch
+    try:
+        _UPSTREAM["BackupAndRestore.on_train_batch_end"](self, batch, logs)
+        handler = getattr(self, "_tfpar_preemption", None)
+        if handler is not None:
+            handler.save_checkpoint_if_preempted()
+    finally:
+        self._tfpar_in_batch = False
+
+
+def _backup_save_model(self: Any) -> None:
+    if not _managed_model(self):
+        return _UPSTREAM["BackupAndRestore._save_model"](self)
+    chief = not _non_chief_worker(self.model)
+    if chief:
+        tf.io.gfile.makedirs(self.backup_dir)
+        if self.double_checkpoint:
+            for path in (self._weights_path, self._training_metadata_path):
+                if tf.io.gfile.exists(path):
+                    tf.io.gfile.copy(path, f"{path}.bkp", overwrite=True)
+    self.model.save_weights(filepath=self._weights_path, overwrite=True)  # chief-only inside
+    if not chief:
+        return None
+    in_batch = getattr(self, "_tfpar_in_batch", False)
+    batch = getattr(self, "_tfpar_batch", self._last_batch_seen) if in_batch else 0
+    state = fit_state(self.model)
+    metadata = {
+        "epoch": self._current_epoch,
+        "batch": batch,
+        # Steps of `epoch` the saved weights contain (0 at an epoch boundary): a resumed run
+        # skips them instead of training them twice (upstream replays the whole epoch).
+        "tfpar_steps_done": batch + 1 if in_batch else 0,
+        "tfpar_seed": int(state.seed.numpy()) if state is not None else None,
+    }
+    with tf.io.gfile.GFile(self._training_metadata_path, "w") as handle:
+        handle.write(json.dumps(metadata))
+    return None
+
+
+def _backup_on_train_end(self: Any, logs: Any = None) -> None:
+    handler = getattr(self, "_tfpar_preemption", None)
+    if handler is not None:
+        self._tfpar_preemption = None
+    if _managed_model(self) and _non_chief_worker(self.model):
+        return  # only the chief removes the backup directory
+    _UPSTREAM["BackupAndRestore.on_train_end"](self, logs)
+
+
+def _preemption_handler(callback: Any) -> Any:
+    """A PreemptionCheckpointHandler that saves through the callback at an agreed step."""
+    strategy = callback.model._distribute_strategy
+    if not _in_multi_worker_mode(strategy) or threading.current_thread() is not threading.main_thread():
+        return None
+
+    def save() -> None:
+        callback._tfpar_in_batch = True
+        callback._save_model()
+        # TF removes a non-chief's checkpoint directory after the save; tfpar saved through the
+        # callback instead of TF's manager (and cleaned up after itself), so recreate it.
+        tf.io.gfile.makedirs(handler._write_checkpoint_manager.directory)
+
+    config = tf.distribute.experimental.TerminationConfig(
+        exit_fn=lambda: sys.exit(PREEMPTED_EXIT_CODE), save_fn=save
+    )
+    # The handler restores its step counter from (and, non-chief, writes to a temporary sibling
+    # of) this directory; tfpar's own save goes through `save` above.
+    counter = tf.train.Checkpoint(step=tf.Variable(0, dtype=tf.int64))
+    handler = tf.distribute.experimental.PreemptionCheckpointHandler(
+        strategy.cluster_resolver,
+        counter,
+        checkpoint_dir=os.path.join(callback.backup_dir, "preemption"),
+        termination_config=config,
+    )
+    return handler
+
+
+# === 9. BatchNormalization under data parallelism ===# === 7. BatchNormalization under data parallelism ===
 
 
 def _batchnorm_layers(model: Any) -> list[Any]:

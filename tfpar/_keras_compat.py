@@ -42,17 +42,35 @@ Interceptions (verified on TensorFlow 2.21.0 / Keras 3.15.1):
    reduction dimension 0 for input with 0 dimensions"; tensorflow/tensorflow#72388). tfpar averages
    them over all replicas instead (hook: ``trainer.reduce_per_replica``), so every worker logs the
    same numbers.
-5. **One shuffle for all workers** (``tests/test_multi_worker.py``). Keras shuffles numpy inputs
-   with an unseeded permutation per worker, so under MultiWorkerMirroredStrategy the DATA shards
-   overlap: some examples are trained on several times per epoch, others never
-   (tensorflow/tensorflow#56513). tfpar draws each epoch's permutation from a seed shared by the
-   workers (hooks: ``TFEpochIterator.__init__``, ``ArrayDataAdapter.get_tf_dataset``).
-6. **Several MirroredStrategy objects in one process** (``tests/test_strategies.py``). Two
+5. **One shuffle for all workers, a function of the epoch** (``tests/test_multi_worker.py``,
+   ``tests/test_fault_tolerance.py``). Keras shuffles numpy inputs with an unseeded permutation per
+   worker, so under MultiWorkerMirroredStrategy the DATA shards overlap: some examples are trained
+   on several times per epoch, others never (tensorflow/tensorflow#56513). tfpar's permutation of
+   epoch ``e`` is a stateless shuffle seeded by ``(seed, e)``, the seed shared by the workers and
+   saved with backups (hooks: ``TFEpochIterator.__init__``, ``ArrayDataAdapter.get_tf_dataset``,
+   and ``TensorFlowTrainer.fit``, which adds the epoch clock).
+6. **Chief-only files** (``tests/test_fault_tolerance.py``). Keras 3's ModelCheckpoint,
+   BackupAndRestore and TensorBoard have no chief/worker logic (tf-keras had it), so under
+   MultiWorkerMirroredStrategy every worker writes the same files. Every worker must still take
+   part in a save, so on non-chief workers ``Model.save`` / ``save_weights`` write to a temporary
+   sibling that is removed (``tfpar.cluster.write_path``), TensorBoard logs to one, BackupAndRestore
+   writes its metadata and deletes the backup on the chief only, and ModelCheckpoint creates its
+   directory idempotently (upstream races: "FileExistsError").
+7. **Exact resume and preemption** (``tests/test_fault_tolerance.py``). Keras 3's BackupAndRestore
+   restores at epoch granularity: after a mid-epoch save it replays the whole interrupted epoch on
+   top of weights that already contain part of it, and a save in the first epoch of a resumed run
+   records epoch 0 (keras-team/keras backup_and_restore.py: ``_current_epoch`` only moves at epoch
+   end). Under tfpar the backup records how many steps of the epoch it contains and the shuffle
+   seed; a resumed fit consumes those steps' data without training on them, so the result equals
+   an uninterrupted run bit for bit. Under multi_worker a SIGTERM on any worker makes all workers
+   save at an agreed step (``tf.distribute.experimental.PreemptionCheckpointHandler`` with a
+   tfpar save function) and exit with code 42, for ``tfpar launch --max-restarts`` to restart.
+8. **Several MirroredStrategy objects in one process** (``tests/test_strategies.py``). Two
    strategies with different collective patterns share collective keys and fail with "Shape
    mismatch in the collective instance". TensorFlow's own tests bump
    ``MirroredStrategy._collective_key_base`` (tensorflow/python/distribute/strategy_combinations.py);
    tfpar does the same for every strategy it creates, so notebooks can re-run cells.
-7. **Synchronized BatchNormalization by default inside ``tfpar.scope(..., sync_batchnorm=True)``**
+9. **Synchronized BatchNormalization by default inside ``tfpar.scope(..., sync_batchnorm=True)``**
    (``tests/test_batchnorm.py``). Unsynchronized BatchNormalization makes moving statistics depend
    on the replica count (13.2 vs 4e-6 with ``synchronized=True`` on 2 replicas). The scope option
    makes ``keras.layers.BatchNormalization(...)`` default to ``synchronized=True`` while it is open
@@ -126,6 +144,13 @@ INTERCEPTIONS = (
         "keras.src.trainers.data_adapters.array_data_adapter.ArrayDataAdapter.get_tf_dataset",
         "tensorflow/tensorflow#56513",
         "one shuffle permutation shared by all workers (each example once per epoch)",
+    ),
+    Interception(
+        "keras.Model.save / save_weights, keras.callbacks.ModelCheckpoint._save_model, "
+        "TensorBoard.set_model / on_train_end, BackupAndRestore (on_train_begin, on_epoch_begin, "
+        "on_train_batch_end, _save_model, on_train_end), TensorFlowTrainer.fit",
+        "(Keras 3 callbacks have no chief/worker logic; BackupAndRestore replays epochs)",
+        "chief-only files; exact resume; SIGTERM preemption at an agreed step",
     ),
     Interception(
         "keras.layers.BatchNormalization.__init__ (default synchronized=True inside a scope)",

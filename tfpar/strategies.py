@@ -209,6 +209,8 @@ def get_strategy(
     2
     """
     if isinstance(strategy, tf.distribute.Strategy):
+        if strategy is _default_strategy():
+            return strategy
         if options:
             raise TypeError(
                 "Options apply only when a strategy name is given; this strategy is already "
@@ -237,6 +239,10 @@ def get_strategy(
             f"The factory registered as {spec.name!r} must return a tf.distribute.Strategy. "
             f"Received: {result!r} (of type {type(result).__name__})"
         )
+    if result is _default_strategy():
+        # No distribution, nothing to fix; and managing TensorFlow's global default strategy would
+        # change every model in the process, tfpar's or not.
+        return result
     return _keras_compat.manage(result)
 
 
@@ -304,6 +310,11 @@ def scope(
 
 
 # === Built-in factories ===
+
+
+def _default_strategy() -> tf.distribute.Strategy | None:
+    return None if tf.distribute.has_strategy() else tf.distribute.get_strategy()
+
 
 
 def _default() -> tf.distribute.Strategy:

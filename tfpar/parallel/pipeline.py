@@ -13,10 +13,11 @@ order so plans can predict the bubble and step time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import tensorflow as tf
@@ -151,6 +152,84 @@ def split_batch(tensor: tf.Tensor, bounds: Sequence[tf.Tensor]) -> list[tf.Tenso
     [2, 2, 3]
     """
     return [tensor[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
+
+
+@contextlib.contextmanager
+def placed_step() -> Iterator[None]:
+    """Places the ops of a traced training step that TensorFlow would leave to the default device.
+
+    Gradient sums, the loss and the optimizer's update arithmetic are created without a device,
+    so TensorFlow runs them all on the default device, pulling every stage's tensors there. Inside
+    this context (while tracing a ``tf.function``), such an op goes where its largest placed input
+    is: each variable's update with its gradient on the variable's stage, the loss after the last
+    stage. Ops that already have a device, and ops on variables (colocated by TensorFlow), are left
+    alone; eagerly it does nothing. ``SplitModel.train_step`` uses it; wrap a custom training step
+    in it too.
+
+    Example:
+    >>> @tf.function
+    ... def train_step(x, y):
+    ...     with tfpar.parallel.pipeline.placed_step():
+    ...         with tf.GradientTape() as tape:
+    ...             loss = loss_fn(y, placed(x, training=True))
+    ...         optimizer.apply(tape.gradient(loss, placed.trainable_variables), placed.trainable_variables)
+    """
+    if tf.executing_eagerly():
+        yield
+        return
+    with tf.compat.v1.device(_follow_inputs):
+        yield
+
+
+def _follow_inputs(op: Any) -> str:
+    """Device function: an unplaced op goes where its largest placed input is."""
+    if op.device:
+        return op.device
+    if op.type == "IdentityN" or any(t.dtype == tf.resource for t in op.inputs):
+        # IdentityN wraps every gradient at once (Keras's all-reduce); resource ops are colocated
+        # with their variable by TensorFlow. Neither should pull tensors to one device.
+        return ""
+    best, size = "", -1
+    for tensor in op.inputs:
+        device = _device_of(tensor)
+        elements = tensor.shape.num_elements()
+        elements = 1 << 62 if elements is None else elements
+        if device and elements > size:
+            best, size = device, elements
+    return best
+
+
+def _device_of(tensor: Any, depth: int = 0) -> str:
+    """The device of a tensor, looking through identity ops that were left unplaced."""
+    if tensor.device or depth > 8:
+        return _local(tensor.device)
+    op = tensor.op
+    if op.type == "Identity":
+        return _device_of(op.inputs[0], depth + 1)
+    if op.type == "IdentityN":
+        return _device_of(op.inputs[tensor.value_index], depth + 1)
+    if op.type == "ReadVariableOp":
+        return _resource_device(op.inputs[0])
+    return ""
+
+
+def _local(device: str) -> str:
+    """``/job:localhost/replica:0/task:0/device:CPU:1`` -> ``/device:CPU:1`` (one spelling)."""
+    prefix = "/job:localhost/replica:0/task:0"
+    return device[len(prefix):] if device.startswith(prefix + "/device:") else device
+
+
+def _resource_device(handle: Any) -> str:
+    """Device of the variable behind a resource handle captured into a traced function."""
+    for _ in range(8):  # a handle may be captured through nested function graphs
+        if handle.device:
+            return _local(handle.device)
+        outer = next((ext for ext, inner in getattr(handle.graph, "captures", ()) if inner is handle), None)
+        if outer is None:
+            return ""
+        handle = outer
+    return ""
+
 
 
 def tune_microbatches(

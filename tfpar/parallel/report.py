@@ -11,6 +11,7 @@ ones under ``gradient_tape``.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import glob
 import os
@@ -23,6 +24,7 @@ import keras
 import tensorflow as tf
 
 from tfpar.parallel import cost as cost_lib
+from tfpar.parallel import pipeline
 
 _PLUMBING = {"_Send", "_Recv", "_Arg", "_Retval", "_DeviceArg", "_DeviceRetval", "NoOp", "Const",
              "_EagerConst", "Identity", "IdentityN", "ReadVariableOp", "_HostSend", "_HostRecv"}
@@ -260,9 +262,14 @@ def placement_report(model: Any, inputs: Any, *, training: bool = True, gradient
     inputs = tf.nest.map_structure(tf.convert_to_tensor, inputs)
     variables = list(model.trainable_variables)
 
+    planned = getattr(model, "plan", None)
+    # A split model's train_step places its loss and gradient sums (pipeline.placed_step); the
+    # report runs the step the same way. Plain models run as Keras runs them.
+    placement = pipeline.placed_step if planned is not None else contextlib.nullcontext
+
     @tf.function
     def step(x: Any) -> Any:
-        with tf.GradientTape() as tape, tf.name_scope(_MARK):
+        with placement(), tf.GradientTape() as tape, tf.name_scope(_MARK):
             outputs = model(x, training=training)
             total = tf.add_n([tf.constant(0.0)] + [
                 tf.reduce_sum(tf.cast(o, tf.float32)) for o in keras.tree.flatten(outputs)
@@ -281,7 +288,6 @@ def placement_report(model: Any, inputs: Any, *, training: bool = True, gradient
             continue
         phase = "backward" if "gradient_tape" in name.split("/") or "_backward/" in name else "forward"
         ops.append(OpRecord(name, op_type, _short(device), _layer_of(name, layer_names), phase))
-    planned = getattr(model, "plan", None)
     return PlacementReport(
         model_name=model.name,
         planned=dict(planned.placement) if planned is not None and hasattr(planned, "placement") else None,

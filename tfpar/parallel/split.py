@@ -52,10 +52,16 @@ BATCH_NORM_MODES = ("full_batch", "microbatch")
 
 @dataclasses.dataclass(frozen=True)
 class _Block:
-    """Consecutive nodes of a stage; a barrier block is one batch-statistics layer."""
+    """Consecutive nodes of a stage; a barrier block is one batch-statistics layer.
+
+    `inputs` are the tensors its nodes read from outside the block, `outputs` the tensors it
+    produces that later blocks of the stage or later stages read.
+    """
 
     barrier: bool
     nodes: tuple[graph_lib.Node, ...]
+    inputs: tuple[graph_lib.TensorRef, ...] = ()
+    outputs: tuple[graph_lib.TensorRef, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +70,7 @@ class _Wiring:
 
     graph: graph_lib.LayerGraph
     blocks: tuple[tuple[_Block, ...], ...]
+    whole: tuple[tuple[_Block, ...], ...]
     receives: tuple[tuple[graph_lib.TensorRef, ...], ...]
     sends: tuple[tuple[graph_lib.TensorRef, ...], ...]
     owner: Mapping[str, int]
@@ -124,11 +131,14 @@ class SplitModel(keras.Model):
         self.split_layers = self._build_layers(graph, plan)
         stages = [stage.layers for stage in plan.stages]
         by_name = {layer.name: layer for layer in self.split_layers}
+        self._layers_by_name = types.MappingProxyType(by_name)
+        sends = graph.sends(stages)
         self._wiring = _Wiring(
             graph=graph,
-            blocks=tuple(_blocks(graph, names, by_name) for names in stages),
+            blocks=tuple(_blocks(graph, names, by_name, sent) for names, sent in zip(stages, sends)),
+            whole=tuple(_blocks(graph, names, {}, sent) for names, sent in zip(stages, sends)),
             receives=graph.cuts(stages),
-            sends=graph.sends(stages),
+            sends=sends,
             owner=types.MappingProxyType({n: s for s, names in enumerate(stages) for n in names}),
         )
         self.built = True
@@ -206,83 +216,65 @@ class SplitModel(keras.Model):
         return graph_lib.fill(wiring.graph.outputs, output)
 
     def _run_stage(self, s: int, inputs: list[list[tf.Tensor]], training: bool | None) -> list[list[tf.Tensor]]:
-        device = self._plan.stages[s].device
-        m, n_in = len(inputs), len(self._wiring.receives[s])
-        flat_inputs = [t for mb in inputs for t in mb]
+        """Runs stage `s` on every micro-batch; returns, per micro-batch, the tensors it sends.
 
-        @tf.custom_gradient
-        def stage(*flat: tf.Tensor) -> Any:
-            floats = [t for t in flat if t.dtype.is_floating]
-            with tf.GradientTape() as tape:
-                tape.watch(floats)
-                with tf.device(device):
-                    per_mb = [list(flat[i * n_in:(i + 1) * n_in]) for i in range(m)]
-                    outputs = self._stage_forward(s, per_mb, training)
-            flat_outputs = [t for mb in outputs for t in mb]
-            watched = {v.ref() for v in tape.watched_variables()}
-
-            def grad(*dys: tf.Tensor, variables: Sequence[tf.Variable] | None = None) -> Any:
-                variables = list(variables or [])
-                targets = [(o, dy) for o, dy in zip(flat_outputs, dys) if o.dtype.is_floating]
-                trainable = [v for v in variables if v.ref() in watched and v.dtype.is_floating]
-                sources = floats + trainable
-                with tf.device(device), tf.name_scope(f"tfpar_s{s}_backward"):
-                    grads = tape.gradient(
-                        [o for o, _ in targets],
-                        sources,
-                        output_gradients=[tf.zeros_like(o) if dy is None else dy for o, dy in targets],
-                    ) if targets and sources else [None] * len(sources)
-                by_source = {id(src): g for src, g in zip(sources, grads)}
-                input_grads = [by_source.get(id(t)) for t in flat]
-                if variables:
-                    return input_grads, [by_source.get(id(v)) for v in variables]
-                return input_grads
-
-            return flat_outputs, grad
-
-        with tf.device(device):  # the IdentityN that tf.custom_gradient adds goes here too
-            flat_outputs = stage(*flat_inputs)
-        n_out = len(self._wiring.sends[s])
-        return [list(flat_outputs[i * n_out:(i + 1) * n_out]) for i in range(m)]
-
-    def _stage_forward(self, s: int, inputs: list[list[tf.Tensor]], training: bool | None) -> list[list[tf.Tensor]]:
+        Each block runs in its own ``tf.custom_gradient`` per micro-batch, so micro-batch ``i``
+        flows on to the next stage as soon as it is done (one custom gradient over all
+        micro-batches would join them in its ``IdentityN`` and stall the pipeline). A barrier
+        block (BatchNormalization in training with ``batch_norm="full_batch"``) runs once on the
+        concatenated micro-batches.
+        """
         wiring = self._wiring
+        device = self._plan.stages[s].device
         m = len(inputs)
-        values = [dict(zip(wiring.receives[s], mb)) for mb in inputs]
-        layers = {layer.name: layer for layer in self.split_layers}
         full_batch = m > 1 and bool(training) and self._batch_norm == "full_batch"
-        for block in wiring.blocks[s]:
+        values = [dict(zip(wiring.receives[s], mb)) for mb in inputs]
+        for block in wiring.blocks[s] if full_batch else wiring.whole[s]:
+            if not block.outputs:
+                continue
             if block.barrier and full_batch:
-                node = block.nodes[0]
-                whole = {
-                    ref: tf.concat([values[i][ref] for i in range(m)], axis=0) for ref in node.inputs
-                }
-                with tf.name_scope(f"tfpar_s{s}_all"):
-                    outputs = _call(layers[node.name], node, whole)
-                bounds = pipeline.microbatch_bounds(tf.shape(next(iter(whole.values())))[0], m)
-                for t, tensor in enumerate(outputs):
-                    for i, part in enumerate(pipeline.split_batch(tensor, bounds)):
-                        values[i][graph_lib.TensorRef(node.name, 0, t)] = part
+                outputs = _placed(device, f"tfpar_s{s}_all", self._barrier_fn(block, m),
+                                  [values[i][ref] for i in range(m) for ref in block.inputs])
+                for i in range(m):
+                    values[i].update(zip(block.outputs, outputs[i * len(block.outputs):(i + 1) * len(block.outputs)]))
                 continue
             for i in range(m):
-                with tf.name_scope(f"tfpar_s{s}_m{i}"):
-                    for node in block.nodes:
-                        outputs = _call(layers[node.name], node, values[i])
-                        for t, tensor in enumerate(outputs):
-                            values[i][graph_lib.TensorRef(node.name, 0, t)] = tensor
+                outputs = _placed(device, f"tfpar_s{s}_m{i}", self._block_fn(block),
+                                  [values[i][ref] for ref in block.inputs])
+                values[i].update(zip(block.outputs, outputs))
         return [[values[i][ref] for ref in wiring.sends[s]] for i in range(m)]
+
+    def _block_fn(self, block: _Block) -> Any:
+        layers = self._layers_by_name
+
+        def run(tensors: list[tf.Tensor]) -> list[tf.Tensor]:
+            values = dict(zip(block.inputs, tensors))
+            for node in block.nodes:
+                for t, tensor in enumerate(_call(layers[node.name], node, values)):
+                    values[graph_lib.TensorRef(node.name, 0, t)] = tensor
+            return [values[ref] for ref in block.outputs]
+
+        return run
+
+    def _barrier_fn(self, block: _Block, m: int) -> Any:
+        run_block = self._block_fn(block)
+        n_in = len(block.inputs)
+
+        def run(tensors: list[tf.Tensor]) -> list[tf.Tensor]:
+            per_mb = [tensors[i * n_in:(i + 1) * n_in] for i in range(m)]
+            whole = [tf.concat([mb[j] for mb in per_mb], axis=0) for j in range(n_in)]
+            bounds = pipeline.microbatch_bounds(tf.shape(whole[0])[0], m)
+            parts = [pipeline.split_batch(tensor, bounds) for tensor in run_block(whole)]
+            return [part[i] for i in range(m) for part in parts]
+
+        return run
 
     # === Keras integration ===
 
     def train_step(self, data: Any) -> Any:
-        # TensorFlow creates the loss and the optimizer's update arithmetic without a device, so
-        # they would all run on the default device. Inside the traced step, a device function puts
-        # each such op where its first placed input is: the loss after the last stage, each
-        # variable's update with its gradient (on the variable's stage). Ops that already have a
-        # device (every stage op) and ops on resources (colocated by TensorFlow) are left alone.
-        if tf.executing_eagerly():
-            return super().train_step(data)
-        with tf.compat.v1.device(_follow_inputs):
+        # The loss, the sums of per-micro-batch gradients and the optimizer's update arithmetic
+        # are created without a device; see pipeline.placed_step.
+        with pipeline.placed_step():
             return super().train_step(data)
 
     def make_train_function(self, force: bool = False) -> Any:
@@ -435,54 +427,46 @@ def _with_microbatches(model: SplitModel, m: int, timings: Mapping[int, float]) 
     return model
 
 
-def _follow_inputs(op: Any) -> str:
-    """Device function: an unplaced op goes where its largest placed input is."""
-    if op.device:
-        return op.device
-    if op.type == "IdentityN" or any(t.dtype == tf.resource for t in op.inputs):
-        # IdentityN wraps every gradient at once (Keras's all-reduce); resource ops are colocated
-        # with their variable by TensorFlow. Neither should pull tensors to one device.
-        return ""
-    best, size = "", -1
-    for tensor in op.inputs:
-        device = _device_of(tensor)
-        elements = tensor.shape.num_elements()
-        elements = 1 << 62 if elements is None else elements
-        if device and elements > size:
-            best, size = device, elements
-    return best
+def _placed(device: str, scope: str, fn: Any, inputs: list[tf.Tensor]) -> list[tf.Tensor]:
+    """``fn(inputs)`` with its forward ops *and its gradient ops* on `device`.
 
+    TensorFlow creates gradient ops without a device (they land on the default device), so the
+    backward pass is recomputed from an inner tape inside a custom gradient that runs under the
+    device scope; gradients of the variables `fn` reads are returned to the outer tape too.
+    """
 
-def _device_of(tensor: Any, depth: int = 0) -> str:
-    """The device of a tensor, looking through identity ops that were left unplaced."""
-    if tensor.device or depth > 8:
-        return _local(tensor.device)
-    op = tensor.op
-    if op.type == "Identity":
-        return _device_of(op.inputs[0], depth + 1)
-    if op.type == "IdentityN":
-        return _device_of(op.inputs[tensor.value_index], depth + 1)
-    if op.type == "ReadVariableOp":
-        return _resource_device(op.inputs[0])
-    return ""
+    @tf.custom_gradient
+    def wrapped(*flat: tf.Tensor) -> Any:
+        floats = [t for t in flat if t.dtype.is_floating]
+        with tf.GradientTape() as tape:
+            tape.watch(floats)
+            with tf.device(device), tf.name_scope(scope):
+                outputs = list(fn(list(flat)))
+        watched = {v.ref() for v in tape.watched_variables()}
 
+        def grad(*dys: tf.Tensor, variables: Sequence[tf.Variable] | None = None) -> Any:
+            variables = list(variables or [])
+            targets = [(o, dy) for o, dy in zip(outputs, dys) if o.dtype.is_floating]
+            trainable = [v for v in variables if v.ref() in watched and v.dtype.is_floating]
+            sources = floats + trainable
+            grads: list[Any] = [None] * len(sources)
+            if targets and sources:
+                with tf.device(device), tf.name_scope(f"{scope}_backward"):
+                    grads = tape.gradient(
+                        [o for o, _ in targets],
+                        sources,
+                        output_gradients=[tf.zeros_like(o) if dy is None else dy for o, dy in targets],
+                    )
+            by_source = {id(src): g for src, g in zip(sources, grads)}
+            input_grads = [by_source.get(id(t)) for t in flat]
+            if variables:
+                return input_grads, [by_source.get(id(v)) for v in variables]
+            return input_grads
 
-def _local(device: str) -> str:
-    """``/job:localhost/replica:0/task:0/device:CPU:1`` -> ``/device:CPU:1`` (one spelling)."""
-    prefix = "/job:localhost/replica:0/task:0"
-    return device[len(prefix):] if device.startswith(prefix + "/device:") else device
+        return outputs, grad
 
-
-def _resource_device(handle: Any) -> str:
-    """Device of the variable behind a resource handle captured into a traced function."""
-    for _ in range(8):  # a handle may be captured through nested function graphs
-        if handle.device:
-            return _local(handle.device)
-        outer = next((ext for ext, inner in getattr(handle.graph, "captures", ()) if inner is handle), None)
-        if outer is None:
-            return ""
-        handle = outer
-    return ""
+    with tf.device(device):  # the IdentityN that tf.custom_gradient adds goes here too
+        return list(wrapped(*inputs))
 
 
 def _call(layer: Any, node: graph_lib.Node, values: Mapping[graph_lib.TensorRef, Any]) -> list[Any]:
@@ -490,21 +474,34 @@ def _call(layer: Any, node: graph_lib.Node, values: Mapping[graph_lib.TensorRef,
     return keras.tree.flatten(outputs)
 
 
-def _blocks(graph: graph_lib.LayerGraph, names: Sequence[str], layers: Mapping[str, Any]) -> tuple[_Block, ...]:
-    blocks: list[_Block] = []
-    run: list[graph_lib.Node] = []
+def _blocks(
+    graph: graph_lib.LayerGraph,
+    names: Sequence[str],
+    layers: Mapping[str, Any],
+    sent: Sequence[graph_lib.TensorRef],
+) -> tuple[_Block, ...]:
+    """Cuts a stage into runs of nodes, each batch-statistics layer (per `layers`) on its own."""
+    groups: list[tuple[bool, list[graph_lib.Node]]] = []
     for name in names:
         node = graph.node(name)
-        if _uses_batch_statistics(layers[name]):
-            if run:
-                blocks.append(_Block(False, tuple(run)))
-                run = []
-            blocks.append(_Block(True, (node,)))
+        barrier = name in layers and _uses_batch_statistics(layers[name])
+        if barrier or not groups or groups[-1][0]:
+            groups.append((barrier, [node]))
         else:
-            run.append(node)
-    if run:
-        blocks.append(_Block(False, tuple(run)))
+            groups[-1][1].append(node)
+    blocks = []
+    for k, (barrier, nodes) in enumerate(groups):
+        own = {n.name for n in nodes}
+        later = {ref for _, rest in groups[k + 1:] for n in rest for ref in n.inputs} | set(sent)
+        inputs = dict.fromkeys(ref for n in nodes for ref in n.inputs if ref.layer not in own)
+        outputs = dict.fromkeys(ref for ref in later if ref.layer in own)
+        blocks.append(_Block(barrier, tuple(nodes), tuple(inputs), tuple(sorted(outputs, key=_order(nodes)))))
     return tuple(blocks)
+
+
+def _order(nodes: Sequence[graph_lib.Node]) -> Any:
+    position = {n.name: i for i, n in enumerate(nodes)}
+    return lambda ref: (position[ref.layer], ref.index)
 
 
 def _uses_batch_statistics(layer: Any) -> bool:

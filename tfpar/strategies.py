@@ -425,6 +425,7 @@ def _multi_worker(
     cluster: Any = "tf_config",
     communication: str = "auto",
     collective_timeout: float | None = None,
+    bytes_per_pack: int = 0,
 ) -> tf.distribute.Strategy:
     if communication not in COMMUNICATION:
         raise ValueError(
@@ -433,6 +434,11 @@ def _multi_worker(
         )
     if collective_timeout is not None and collective_timeout <= 0:
         raise ValueError(f"Expected collective_timeout > 0 seconds. Received: collective_timeout={collective_timeout!r}")
+    if isinstance(bytes_per_pack, bool) or not isinstance(bytes_per_pack, int) or bytes_per_pack < 0:
+        raise ValueError(
+            "Expected bytes_per_pack to be an int >= 0 (0: one all-reduce per gradient). "
+            f"Received: bytes_per_pack={bytes_per_pack!r}"
+        )
     resolver = cluster_lib.resolve(cluster)
     if communication == "nccl" and not tf.config.list_physical_devices("GPU"):
         raise ValueError(
@@ -445,7 +451,7 @@ def _multi_worker(
         "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
     }[communication]
     options = tf.distribute.experimental.CommunicationOptions(
-        implementation=implementation, timeout_seconds=collective_timeout
+        implementation=implementation, timeout_seconds=collective_timeout, bytes_per_pack=bytes_per_pack
     )
     return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver, communication_options=options)
 

@@ -9,6 +9,8 @@ It splits the CPU into ``--tfpar-virtual-cpus`` logical devices (default 4, or t
 TensorFlow op at collection time would freeze the device list. Fixtures:
 
 * ``virtual_devices``: the canonical names of the logical CPUs (``["/device:CPU:0", ...]``).
+* ``tfpar_local_cluster``: an in-process cluster (2 workers, 1 ps) on 127.0.0.1 for
+  parameter-server tests; TensorFlow servers cannot stop, so it lives for the whole session.
 
 Example:
     def test_mirrored_fit(virtual_devices):
@@ -68,3 +70,11 @@ def virtual_devices(pytestconfig: pytest.Config) -> list[str]:
     if len(names) != expected:
         pytest.fail(f"Expected {expected} virtual CPUs, found {names}")
     return names
+
+
+@pytest.fixture(scope="session")
+def tfpar_local_cluster():
+    """An in-process 2-worker + 1-ps cluster on 127.0.0.1 (servers cannot stop: session-wide)."""
+    from tfpar import cluster
+
+    return cluster.local_cluster(workers=2, ps=1)

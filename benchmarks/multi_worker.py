@@ -1,0 +1,208 @@
+"""Multi-worker throughput: tfpar.scope("multi_worker") Keras fit vs the no-communication limit vs
+a hand-written MultiWorkerMirroredStrategy custom training loop.
+
+Each repetition starts, for every variant in turn (interleaved), N processes at the same time:
+
+* ``limit``: N independent single-process Keras fits (no strategy, no communication), one per
+  process: the throughput N workers could reach if all-reduce were free.
+* ``tfpar``: N workers of a ``tfpar.launch`` cluster running plain Keras ``model.fit`` under
+  ``tfpar.scope("multi_worker")``.
+* ``hand``: N workers running the TF tutorial's custom loop (``strategy.run`` in a
+  ``tf.function`` over a distributed dataset, Keras layers and optimizer).
+
+Every process times its own steady-state steps (after warm-up), so process start-up is excluded;
+the variant's throughput is N x per-worker batch x timed steps / the slowest worker's time. Each
+process gets ``--threads`` intra- and inter-op threads. Median over ``--repeats``.
+
+Usage: python benchmarks/multi_worker.py [--workers 2] [--threads 1] [--repeats 5] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VARIANTS = ("limit", "tfpar", "hand")
+
+
+def _worker(args: argparse.Namespace) -> None:
+    """One process of one variant: trains and writes its timing to args.out."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    import keras
+    import numpy as np
+
+    import tfpar
+
+    if args.variant == "tfpar":
+        strategy = tfpar.get_strategy("multi_worker")
+    elif args.variant == "hand":
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    else:
+        strategy = tf.distribute.get_strategy()
+    workers = strategy.num_replicas_in_sync
+    per_worker = args.batch
+    steps = args.warmup + args.steps
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(per_worker * workers * steps, 32, 32, 3)).astype("float32")
+    y = rng.integers(0, 10, len(x))
+
+    def build() -> keras.Model:
+        keras.utils.set_random_seed(1)
+        return keras.Sequential(
+            [
+                keras.Input((32, 32, 3)),
+                keras.layers.Conv2D(32, 3, activation="relu"),
+                keras.layers.MaxPooling2D(),
+                keras.layers.Conv2D(64, 3, activation="relu"),
+                keras.layers.MaxPooling2D(),
+                keras.layers.Flatten(),
+                keras.layers.Dense(128, activation="relu"),
+                keras.layers.Dense(10),
+            ]
+        )
+
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    marks: list[float] = []
+
+    if args.variant in ("tfpar", "limit"):
+        scope = tfpar.scope(strategy) if args.variant == "tfpar" else strategy.scope()
+        with scope:
+            model = build()
+            model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss_fn)
+
+        class Clock(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                if batch + 1 in (args.warmup, steps):
+                    marks.append(time.perf_counter())
+
+        dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(per_worker * workers)
+        model.fit(dataset, epochs=1, verbose=0, callbacks=[Clock()])
+    else:
+        with strategy.scope():
+            model = build()
+            optimizer = keras.optimizers.SGD(0.01)
+        global_batch = per_worker * workers
+        dataset = strategy.experimental_distribute_dataset(
+            tf.data.Dataset.from_tensor_slices((x, y)).batch(global_batch)
+        )
+
+        @tf.function
+        def train_step(batch):
+            def step(inputs):
+                features, labels = inputs
+                with tf.GradientTape() as tape:
+                    per_example = keras.losses.sparse_categorical_crossentropy(
+                        labels, model(features, training=True), from_logits=True
+                    )
+                    loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+                grads = tape.gradient(loss, model.trainable_variables)
+                optimizer.apply_gradients(zip(grads, model.trainable_variables))
+                return loss
+
+            return strategy.run(step, args=(batch,))
+
+        for index, batch in enumerate(dataset):
+            train_step(batch)
+            if index + 1 in (args.warmup, steps):
+                _ = float(model.trainable_variables[0][0, 0, 0, 0].numpy())  # wait for the step
+                marks.append(time.perf_counter())
+    index = json.loads(os.environ["TF_CONFIG"])["task"]["index"] if "TF_CONFIG" in os.environ else args.index
+    out = Path(args.out) / f"{args.variant}_{index}.json"
+    out.write_text(json.dumps({"seconds": marks[1] - marks[0], "steps": args.steps}))
+
+
+def _run_variant(variant: str, args: argparse.Namespace, workdir: Path) -> float:
+    """Runs one variant once; returns examples per second over all workers."""
+    outputs = [workdir / f"{variant}_{i}.json" for i in range(args.workers)]
+    for path in outputs:
+        path.unlink(missing_ok=True)
+
+    def child(index: int = 0) -> list[str]:
+        return [
+            sys.executable, __file__, "--child", "--variant", variant, "--out", str(workdir),
+            "--index", str(index), "--threads", str(args.threads), "--batch", str(args.batch),
+            "--steps", str(args.steps), "--warmup", str(args.warmup),
+        ]
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    if variant == "limit":
+        processes = [
+            subprocess.Popen(child(i), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            for i in range(args.workers)
+        ]
+        for process in processes:
+            _, err = process.communicate(timeout=args.timeout)
+            if process.returncode:
+                raise RuntimeError(f"limit worker failed:\n{err.decode()[-3000:]}")
+    else:
+        from tfpar import launch
+
+        log = workdir / f"{variant}.log"
+        with open(log, "w") as handle:
+            code = launch.launch(child(), workers=args.workers, timeout=args.timeout, env=env, output=handle)
+        if code:
+            raise RuntimeError(f"{variant} cluster failed ({code}):\n{log.read_text()[-3000:]}")
+    results = [json.loads(path.read_text()) for path in outputs]
+    slowest = max(r["seconds"] for r in results)
+    return args.workers * args.batch * args.steps / slowest
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=64, help="per-worker batch size")
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--quick", action="store_true", help="2 repeats of 15 steps (smoke run)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _worker(args)
+        return
+    if args.quick:
+        args.repeats, args.steps, args.warmup = 2, 15, 5
+    rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(args.repeats):
+            for variant in VARIANTS:
+                started = time.perf_counter()
+                rates[variant].append(_run_variant(variant, args, Path(tmp)))
+                print(
+                    f"repeat {repeat + 1}/{args.repeats} {variant:6s} {rates[variant][-1]:8.1f} examples/s "
+                    f"({time.perf_counter() - started:.0f} s)",
+                    file=sys.stderr,
+                )
+    median = {v: statistics.median(r) for v, r in rates.items()}
+    print(
+        f"\n{args.workers} workers x {args.threads} thread(s), per-worker batch {args.batch}, small CNN "
+        f"(32x32x3, 2 conv + 2 dense, 545k params), {args.steps} timed steps, median of {args.repeats}\n"
+    )
+    print("| variant | examples/s (median) | min | max | vs limit | tfpar / variant |")
+    print("|---|---|---|---|---|---|")
+    for variant in VARIANTS:
+        values = rates[variant]
+        print(
+            f"| {variant} | {median[variant]:.1f} | {min(values):.1f} | {max(values):.1f} | "
+            f"{median[variant] / median['limit']:.3f} | {median['tfpar'] / median[variant]:.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

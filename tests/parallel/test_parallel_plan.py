@@ -153,3 +153,16 @@ def test_summary_and_plot(virtual_devices):
     import matplotlib.pyplot as plt
 
     plt.close(figure)
+
+
+def test_plan_is_frozen_plain_data(virtual_devices):
+    import dataclasses
+    import json
+
+    plan = make_plan(_model("vgg16"), virtual_devices[:2])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.stages = ()
+    with pytest.raises(TypeError, match="A plan is frozen"):
+        plan.layer_costs["fc1"] = 0.0
+    assert isinstance(plan.layer_costs, dict)
+    assert json.loads(json.dumps(plan.get_config()))["stages"][0]["device"] == virtual_devices[0]

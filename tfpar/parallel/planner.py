@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,6 +22,29 @@ from tfpar.parallel import graph as graph_lib
 from tfpar.parallel import partition as partition_lib
 from tfpar.parallel import pipeline
 from tfpar.parallel import report
+
+
+class FrozenDict(dict):
+    """A ``dict`` that cannot be changed: the plan's per-layer tables (JSON-serializable).
+
+    Example:
+    >>> costs = tfpar.parallel.planner.FrozenDict({"fc1": 1.0})
+    >>> costs["fc1"] = 2.0
+    Traceback (most recent call last):
+    TypeError: A plan is frozen: ...
+    """
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError(
+            "A plan is frozen: its layer tables cannot be changed. Received: a write to "
+            f"{type(self).__name__}. Fix: build a new plan with tfpar.parallel.plan(...)."
+        )
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _refuse  # type: ignore[assignment]
+    __ior__ = _refuse  # type: ignore[assignment]
+
+    def __reduce__(self) -> Any:
+        return (type(self), (dict(self),))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,8 +191,8 @@ class Plan:
             balance=config["balance"],
             unit=config["unit"],
             stages=stages,
-            layer_costs=types.MappingProxyType(dict(config["layer_costs"])),
-            layer_memory=types.MappingProxyType(dict(config["layer_memory"])),
+            layer_costs=FrozenDict(config["layer_costs"]),
+            layer_memory=FrozenDict(config["layer_memory"]),
             microbatches=int(config["microbatches"]),
             batch_size=int(config["batch_size"]),
         )
@@ -303,8 +325,8 @@ def plan(
         balance=label,
         unit=cost_lib.UNITS[mode],
         stages=tuple(stages),
-        layer_costs=types.MappingProxyType({n: costs[n] for n in names}),
-        layer_memory=types.MappingProxyType(memory),
+        layer_costs=FrozenDict({n: costs[n] for n in names}),
+        layer_memory=FrozenDict(memory),
         microbatches=m,
         batch_size=batch_size,
     )

@@ -71,6 +71,16 @@ def test_bad_arguments_exit_2_and_name_the_choices(args, message):
     assert message in result.stderr
 
 
+@pytest.mark.multiprocess
+def test_train_under_launch_runs_multi_worker(tmp_path):
+    result = _tfpar("launch", "--workers", "2", "--", sys.executable, "-m", "tfpar", "train", "--epochs", "1",
+                    "--width", "0.125", "--quiet", "--output", str(tmp_path / "report"))
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "[worker:0] strategy        MultiWorkerMirroredStrategy (--strategy auto)" in result.stdout
+    assert "[worker:1] report          written by the chief" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["metrics.json", "training.png"]
+
+
 def test_doctor_and_version():
     result = _tfpar("doctor", timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -122,8 +122,12 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
 def _configure_devices(requested: int | None) -> None:
     import tensorflow as tf
 
+    from tfpar import cluster
+
     if tf.config.list_physical_devices("GPU"):
         return  # real accelerators: --devices selects how many (see _strategy_options)
+    if cluster.detect() is not None and requested is None:
+        return  # a worker of a cluster (tfpar launch, Slurm): one replica per worker process
     devices.configure_virtual_devices(requested or DEFAULT_VIRTUAL_DEVICES, "CPU")
 
 
@@ -168,7 +172,9 @@ def _train(args: argparse.Namespace) -> int:
                 f"samples/s       {result.samples_per_second:,.0f} (last epoch)",
                 f"test accuracy   {result.test_accuracy:.4f}",
                 f"test loss       {result.test_loss:.4f}",
-                f"report          {result.report_dir}/metrics.json, {result.report_dir}/training.png",
+                f"report          {result.report_dir}/metrics.json, {result.report_dir}/training.png"
+                if result.report_dir
+                else "report          written by the chief",
             ]
         )
     )

@@ -21,7 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfpar import datasets, models, strategies, training
+from tfpar import cluster, datasets, models, strategies, training
 from tfpar.version import __version__
 
 OPTIMIZERS = ("adam", "sgd")
@@ -155,11 +155,11 @@ def train(config: TrainConfig | None = None, *, log: Callable[[str], None] = pri
     """
     config = config or TrainConfig()
     keras.utils.set_random_seed(config.seed)
+    # The strategy comes first: multi_worker must exist before TensorFlow's first operation.
+    strategy = strategies.get_strategy(config.strategy, **config.strategy_options)
     x_train, y_train, x_test, y_test = load_data(config)
     num_classes = int(y_train.max()) + 1
-    with strategies.scope(
-        config.strategy, mixed_precision=config.mixed_precision, **config.strategy_options
-    ) as strategy:
+    with strategies.scope(strategy, mixed_precision=config.mixed_precision):
         replicas = strategy.num_replicas_in_sync
         model = build_model(config, x_train.shape[1:], num_classes)
         rule = "linear" if config.optimizer == "sgd" else "sqrt"
@@ -173,7 +173,7 @@ def train(config: TrainConfig | None = None, *, log: Callable[[str], None] = pri
     log(
         f"tfpar {__version__}: training {config.model} ({model.count_params():,} parameters) on "
         f"{len(y_train)} digits images {x_train.shape[1]}x{x_train.shape[2]}, strategy "
-        f"{type(strategy).__name__} with {replicas} replica(s), global batch {config.batch_size}, "
+        f"{strategies.strategy_name(strategy)} with {replicas} replica(s), global batch {config.batch_size}, "
         f"learning rate {learning_rate:.3g}"
     )
     callbacks: list[keras.callbacks.Callback] = [training.Throughput(config.batch_size)]
@@ -194,7 +194,7 @@ def train(config: TrainConfig | None = None, *, log: Callable[[str], None] = pri
     test_loss, test_accuracy = model.evaluate(x_test, y_test, batch_size=config.batch_size, verbose=0)
     rates = history.history.get("samples_per_second") or [len(y_train) * config.epochs / elapsed]
     result = TrainResult(
-        strategy=type(strategy).__name__,
+        strategy=strategies.strategy_name(strategy),
         replicas=replicas,
         test_accuracy=float(test_accuracy),
         test_loss=float(test_loss),
@@ -202,6 +202,8 @@ def train(config: TrainConfig | None = None, *, log: Callable[[str], None] = pri
         history={k: [float(v) for v in values] for k, values in history.history.items()},
         report_dir=None,
     )
+    if not cluster.is_chief(getattr(strategy, "cluster_resolver", None)):
+        return result  # under multi_worker only the chief writes the report
     report_dir = write_report(config, result, elapsed)
     return dataclasses.replace(result, report_dir=report_dir)
 

@@ -309,6 +309,18 @@ def scope(
         yield resolved
 
 
+def strategy_name(strategy: tf.distribute.Strategy) -> str:
+    """The public class name of a strategy (TF's MultiWorkerMirroredStrategy reports an alias).
+
+    Example:
+    >>> tfpar.strategies.strategy_name(tfpar.get_strategy("mirrored"))
+    'MirroredStrategy'
+    """
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return "MultiWorkerMirroredStrategy"
+    return type(strategy).__name__
+
+
 # === Built-in factories ===
 
 
@@ -453,7 +465,18 @@ def _multi_worker(
     options = tf.distribute.experimental.CommunicationOptions(
         implementation=implementation, timeout_seconds=collective_timeout, bytes_per_pack=bytes_per_pack
     )
-    return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver, communication_options=options)
+    try:
+        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver, communication_options=options)
+    except RuntimeError as error:
+        if "program startup" not in str(error):
+            raise
+        raise RuntimeError(
+            "The 'multi_worker' strategy must be created before TensorFlow runs its first "
+            "operation (it configures the process's collective runtime). Call "
+            "tfpar.get_strategy('multi_worker') (or open tfpar.scope('multi_worker')) at the top "
+            "of the program, before building datasets or tensors; in a notebook, restart the "
+            "kernel and create it first."
+        ) from error
 
 
 def _not_yet(name: str, issue: str) -> Callable[..., tf.distribute.Strategy]:

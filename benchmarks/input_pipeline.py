@@ -16,7 +16,8 @@ then measures, with the variants interleaved in one run and the median of ``--re
    in-memory batch tensor repeated (no input work at all).
 
 Run: ``python benchmarks/input_pipeline.py`` (a few minutes on 2 CPU cores; defaults: 3,000 files
-of 256x256, decoded to 64x64, batch 64, 5 repeats). Prints markdown tables. Ratios, not absolute numbers, are the result; on a shared machine, re-run when it is quiet.
+of 256x256, decoded to 64x64, batch 64, 5 repeats). Prints markdown tables. Ratios, not absolute
+numbers, are the result; on a shared machine, re-run when it is quiet.
 """
 
 from __future__ import annotations
@@ -89,23 +90,27 @@ def with_tfpar(root, size, batch):
     return td.pipeline(images, augment_fn=augment, batch_size=batch, shuffle=1024, seed=0)
 
 
-def epoch_rate(dataset) -> float:
-    start = time.perf_counter()
+def epoch_rate(dataset) -> tuple[float, float]:
+    """Examples per second (wall clock) and CPU milliseconds per example (all threads)."""
+    start, cpu = time.perf_counter(), time.process_time()
     examples = 0
     for images, _ in dataset:
         examples += int(images.shape[0])
-    return examples / (time.perf_counter() - start)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return examples / wall, 1000 * cpu / examples
 
 
 def throughput(root, paths, labels, size, batch, repeats):
-    rates: dict[str, list[float]] = {k: [] for k in ("naive", "hand", "first", "cached")}
+    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in ("naive", "hand", "first", "cached")}
     for _ in range(repeats):  # interleaved: every variant sees the same machine conditions
-        rates["naive"].append(epoch_rate(naive(paths, labels, size, batch)))
-        rates["hand"].append(epoch_rate(hand_written(paths, labels, size, batch)))
+        runs["naive"].append(epoch_rate(naive(paths, labels, size, batch)))
+        runs["hand"].append(epoch_rate(hand_written(paths, labels, size, batch)))
         pipeline = with_tfpar(root, size, batch)  # fresh: empty cache
-        rates["first"].append(epoch_rate(pipeline))
-        rates["cached"].append(epoch_rate(pipeline))
-    return {k: statistics.median(v) for k, v in rates.items()}, rates
+        runs["first"].append(epoch_rate(pipeline))
+        runs["cached"].append(epoch_rate(pipeline))
+    rates = {k: [r for r, _ in v] for k, v in runs.items()}
+    cpu = {k: statistics.median(c for _, c in v) for k, v in runs.items()}
+    return {k: statistics.median(v) for k, v in rates.items()}, rates, cpu
 
 
 def cnn(size: int) -> keras.Model:
@@ -168,7 +173,7 @@ def main() -> None:
         paths, labels = write_jpegs(root, args.images, args.size)
         megabytes = sum(os.path.getsize(p) for p in paths) / 1e6
         size = args.image_size
-        rates, raw = throughput(root, paths, labels, size, args.batch_size, args.repeats)
+        rates, raw, cpu = throughput(root, paths, labels, size, args.batch_size, args.repeats)
         steps, raw_steps, count = training_steps(root, size, args.batch_size, args.repeats)
     load_after = os.getloadavg()
 
@@ -177,8 +182,8 @@ def main() -> None:
           f"batch {args.batch_size}; median of {args.repeats} interleaved runs\n")
     print(f"Machine: {os.cpu_count()} CPU cores, shared with other jobs (load average "
           f"{load_before[0]:.1f} before, {load_after[0]:.1f} after); TensorFlow {tf.__version__}.\n")
-    print("| pipeline | examples/s | vs naive | runs (examples/s) |")
-    print("|---|---:|---:|---|")
+    print("| pipeline | examples/s | vs naive | CPU ms/example | runs (examples/s) |")
+    print("|---|---:|---:|---:|---|")
     names = {
         "naive": "naive: sequential map, no prefetch",
         "hand": "hand-written: parallel map + prefetch",
@@ -187,7 +192,8 @@ def main() -> None:
     }
     for key, label in names.items():
         runs = ", ".join(f"{r:.0f}" for r in raw[key])
-        print(f"| {label} | {rates[key]:.0f} | {rates[key] / rates['naive']:.2f}x | {runs} |")
+        print(f"| {label} | {rates[key]:.0f} | {rates[key] / rates['naive']:.2f}x | "
+              f"{cpu[key]:.3f} | {runs} |")
     print(f"\n### Training step (small CNN, {count} steps per epoch, batch {args.batch_size})\n")
     print("| fed by | ms/step | vs in-memory | runs (ms/step) |")
     print("|---|---:|---:|---|")

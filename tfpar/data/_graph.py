@@ -27,7 +27,8 @@ Two questions decide how a dataset may be sharded, and this module answers both:
   ``deterministic=False`` (or left at the default while ``tf.data.Options.deterministic`` is False),
   legacy ``sloppy`` interleaves, and stateful random ops (``tf.random.uniform``, ...) inside
   ``filter``/``take_while`` predicates. A parallel ``interleave`` with ``cycle_length=AUTOTUNE``
-  (its order follows each machine's CPU count) only draws a warning. Not detected: randomness hidden in ``from_generator`` or
+  (its order follows each machine's CPU count) only draws a warning. Not detected: randomness
+  hidden in ``from_generator`` or
   ``py_function`` code, and reads of files that change between workers.
 """
 

@@ -173,7 +173,8 @@ class IncrementalTrainer:
         model: A compiled, built ``keras.Model`` (create it in the strategy scope, if any).
         patterns: Glob(s) or path(s) of the growing data, as in :class:`IncrementalFiles`.
         make_dataset: Builds the training dataset from a list of files, e.g.
-            ``lambda files: tfpar.data.pipeline(tfpar.data.read_tfrecords(files, ...), batch_size=32)``.
+            ``lambda files: tfpar.data.pipeline(tfpar.data.read_tfrecords(files, ...),
+            batch_size=32)``.
         checkpoint_dir: Where checkpoints go. One writer at a time: under a multi-worker strategy
             give non-chief workers their own directory.
         max_to_keep: Checkpoints kept.

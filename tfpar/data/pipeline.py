@@ -1,7 +1,7 @@
 """Input pipelines: the tf.data performance guide done right by default, on one device or many.
 
-:func:`pipeline` puts the steps in the order the guide (https://www.tensorflow.org/guide/data_performance)
-and the usual mistakes call for::
+:func:`pipeline` puts the steps in the order the tf.data performance guide
+(https://www.tensorflow.org/guide/data_performance) and the usual mistakes call for::
 
     map_fn (parallel, deterministic)      decode / parse: the same work every epoch
     cache (memory or file)                so later epochs read no files and decode nothing

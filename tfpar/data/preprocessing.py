@@ -234,7 +234,9 @@ def imputation(
             f"fill_value={fill_value!r}"
         )
     if data is None:
-        raise ValueError(f"method={method!r} computes its fill values from `data`. Received: data=None")
+        raise ValueError(
+            f"method={method!r} computes its fill values from `data`. Received: data=None"
+        )
     stats = compute_statistics(
         data, axis=axis, missing_value=missing_value, median=method == "median", strategy=strategy
     )

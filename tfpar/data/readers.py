@@ -93,11 +93,13 @@ def read_images(
     """
     if color_mode not in COLOR_MODES:
         raise ValueError(
-            f"Expected color_mode to be one of {list(COLOR_MODES)}. Received: color_mode={color_mode!r}"
+            f"Expected color_mode to be one of {list(COLOR_MODES)}. "
+            f"Received: color_mode={color_mode!r}"
         )
     if label_mode not in LABEL_MODES:
         raise ValueError(
-            f"Expected label_mode to be one of {list(LABEL_MODES)}. Received: label_mode={label_mode!r}"
+            f"Expected label_mode to be one of {list(LABEL_MODES)}. "
+            f"Received: label_mode={label_mode!r}"
         )
     if interpolation not in INTERPOLATIONS:
         raise ValueError(

@@ -118,7 +118,9 @@ def _check_fractions(fractions: object) -> list[float]:
     values = []
     for f in fractions:
         if isinstance(f, bool) or not isinstance(f, numbers.Real):
-            raise TypeError(f"Expected every fraction to be a number. Received: fractions={fractions!r}")
+            raise TypeError(
+                f"Expected every fraction to be a number. Received: fractions={fractions!r}"
+            )
         values.append(float(f))
     if not values or any(not v > 0 for v in values):
         raise ValueError(f"Expected positive fractions. Received: fractions={list(fractions)}")

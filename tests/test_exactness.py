@@ -62,7 +62,7 @@ CPUS4 = ["cpu:0", "cpu:1", "cpu:2", "cpu:3"]
     [
         (96, CPUS4),  # every batch splits evenly
         (98, CPUS4),  # last batch 2 -> replicas get 1/1/0/0
-        (101, CPUS4),  # last batch 5 -> 2/1/1/1
+        (101, CPUS4),  # last batch 5 -> 2/2/1/0 (one empty replica)
         (97, ["cpu:0", "cpu:1"]),  # last batch 1 -> 1/0
         (99, ["cpu:0", "cpu:1", "cpu:2"]),  # 3 replicas, last batch 3
     ],
@@ -171,3 +171,73 @@ def test_custom_train_step_without_keras_loss_keeps_upstream_semantics():
         model = build()
     _fit(model, x, y, epochs=1)
     assert _max_diff(upstream, model) <= 1e-6
+
+
+def _cnn(*, upstream_strategy=None):
+    keras.utils.set_random_seed(3)
+    model = tfpar.models.alexnet(input_shape=(64, 64, 3), num_classes=4, width=0.125, dropout=0.0)
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="sparse_categorical_crossentropy")
+    return model
+
+
+def test_cnn_with_empty_replicas_matches_single_device():
+    """98 examples, batch 32, 4 replicas: the last batch (2) leaves two replicas empty. TF's
+    oneDNN conv/max-pool kernels break on empty batches; tfpar routes them around (interception 9)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(98, 64, 64, 3)).astype("float32")
+    y = rng.integers(0, 4, 98)
+    reference = _cnn()
+    reference.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
+    with tfpar.scope("mirrored"):
+        model = _cnn()
+    model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
+    assert _max_diff(reference, model) <= ATOL
+    np.testing.assert_allclose(model.evaluate(x, y, batch_size=32, verbose=0), reference.evaluate(x, y, batch_size=32, verbose=0), rtol=1e-5)
+    assert model.predict(x, batch_size=32, verbose=0).shape == (98, 4)
+
+
+def test_upstream_cnn_crashes_on_empty_replicas():
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import numpy as np, keras, tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")
+        tf.config.set_logical_device_configuration(cpu[0], [tf.config.LogicalDeviceConfiguration()] * 4)
+        with tf.distribute.MirroredStrategy().scope():
+            model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Conv2D(8, 3),
+                                      keras.layers.MaxPooling2D(), keras.layers.Flatten(), keras.layers.Dense(2)])
+            model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+        model.fit(np.ones((34, 16, 16, 3), "float32"), np.zeros(34), batch_size=32, verbose=0)
+        print("UPSTREAM-WORKED")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert "UPSTREAM-WORKED" not in result.stdout and result.returncode != 0, result.stderr[-2000:]
+
+
+def test_float64_models_train_exactly():
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float64")
+    try:
+        rng = np.random.default_rng(0)
+        x, y = rng.normal(size=(37, 8)), rng.normal(size=(37, 1))
+
+        def build():
+            keras.utils.set_random_seed(2)
+            model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4), keras.layers.Dense(1)])
+            model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+            return model
+
+        reference = build()
+        reference.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+        with tfpar.scope("mirrored", devices=["cpu:0", "cpu:1"]):
+            model = build()
+        model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+        assert model.layers[0].kernel.dtype == "float64"
+        # Keras computes the compiled loss in float32 even for float64 models (CompileLoss dtype).
+        assert _max_diff(reference, model) <= 1e-8
+    finally:
+        keras.config.set_dtype_policy(previous)

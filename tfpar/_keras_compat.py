@@ -13,9 +13,9 @@ Interceptions (verified on TensorFlow 2.21.0 / Keras 3.15.1):
    gradients over replicas. That is the global mean only when every replica holds the same number
    of examples; on a final partial batch (98 samples, batch 32, 4 replicas) the weights drift from
    single-device training by 3.7e-2. Upstream: keras-team/keras#19891 (fixed only for even splits),
-   tensorflow/tensorflow#36153. tfpar instead keeps the local mean loss, weights each replica's
-   gradients by its example count ``n_r`` and all-reduces the counts *with* the gradients (one
-   batch all-reduce, no extra collective), then divides by the global count ``N``:
+   tensorflow/tensorflow#36153. tfpar instead scales each replica's local mean loss by its example
+   count ``n_r`` (so backprop does the weighting), all-reduces the counts *with* the gradients
+   (one batch all-reduce, no extra collective), then scales by ``1 / N``:
    ``sum_r n_r * grad(mean_r) / N`` is exactly the single-device gradient. The reduction happens
    before gradient clipping and accumulation, so ``clipnorm`` also sees the global gradient.
    When the forward pass itself communicates across replicas (synchronized BatchNormalization),
@@ -197,6 +197,14 @@ def _install() -> None:
 
         from keras.src.trainers.data_adapters import array_data_adapter
 
+        from keras.src.layers.convolutional import (
+            base_conv,
+            base_conv_transpose,
+            base_depthwise_conv,
+            base_separable_conv,
+        )
+        from keras.src.layers.pooling import base_pooling
+
         loss_scale_optimizer = keras.optimizers.LossScaleOptimizer
 
         targets = [
@@ -221,6 +229,11 @@ def _install() -> None:
             (keras.callbacks.BackupAndRestore, "on_train_batch_end", _backup_on_train_batch_end),
             (keras.callbacks.BackupAndRestore, "_save_model", _backup_save_model),
             (keras.callbacks.BackupAndRestore, "on_train_end", _backup_on_train_end),
+            (base_conv.BaseConv, "call", _empty_safe("BaseConv.call")),
+            (base_conv_transpose.BaseConvTranspose, "call", _empty_safe("BaseConvTranspose.call")),
+            (base_depthwise_conv.BaseDepthwiseConv, "call", _empty_safe("BaseDepthwiseConv.call")),
+            (base_separable_conv.BaseSeparableConv, "call", _empty_safe("BaseSeparableConv.call")),
+            (base_pooling.BasePooling, "call", _empty_safe("BasePooling.call")),
         ]
         missing = [f"{owner.__name__}.{name}" for owner, name, _ in targets if not hasattr(owner, name)]
         if missing:
@@ -250,9 +263,10 @@ class _ReplicaStep:
     keras_loss: bool = False  # a Keras loss went through scale_loss_for_distribution
     reduced_apply: bool = False  # inside an apply whose gradients tfpar already all-reduced
 
-    def loss_factor(self) -> tf.Tensor | None:
+    def loss_factor(self) -> tf.Tensor:
+        """What the local mean loss is multiplied by: n_r / N, or n_r until the all-reduce."""
         if self.global_count is None:
-            return None
+            return self.count
         return tf.math.divide_no_nan(self.count, self.global_count)
 
 
@@ -313,34 +327,20 @@ def _scale_loss_for_distribution(value: Any) -> Any:
     if step is None:
         return _UPSTREAM["keras.src.losses.loss.scale_loss_for_distribution"](value)
     step.keras_loss = True
-    factor = step.loss_factor()
-    if factor is None:
-        return value  # keep the local mean: the optimizer weights it by the local count
-    return value * tf.cast(factor, value.dtype)
+    return value * tf.cast(step.loss_factor(), value.dtype)
 
 
 def _unscale_loss_for_distribution(value: Any) -> Any:
     step = _current_step()
     if step is None:
         return _UPSTREAM["keras.src.losses.loss.unscale_loss_for_distribution"](value)
-    factor = step.loss_factor()
-    if factor is None:
-        return value
-    return tf.math.divide_no_nan(value, tf.cast(factor, value.dtype))
+    return tf.math.divide_no_nan(value, tf.cast(step.loss_factor(), value.dtype))
 
 
-def _weighted(gradient: Any, count: tf.Tensor) -> Any:
-    # An empty replica (count 0) contributes nothing, even if its gradient is NaN (e.g. BatchNorm).
+def _scaled(gradient: Any, factor: tf.Tensor) -> Any:
     if isinstance(gradient, tf.IndexedSlices):
-        return tf.IndexedSlices(_weighted(gradient.values, count), gradient.indices, gradient.dense_shape)
-    weight = tf.cast(count, gradient.dtype)
-    return tf.where(count > 0, gradient * weight, tf.zeros_like(gradient))
-
-
-def _divided(gradient: Any, total: tf.Tensor) -> Any:
-    if isinstance(gradient, tf.IndexedSlices):
-        return tf.IndexedSlices(_divided(gradient.values, total), gradient.indices, gradient.dense_shape)
-    return tf.math.divide_no_nan(gradient, tf.cast(total, gradient.dtype))
+        return tf.IndexedSlices(_scaled(gradient.values, factor), gradient.indices, gradient.dense_shape)
+    return gradient * tf.cast(factor, gradient.dtype)
 
 
 def _global_mean_gradients(grads: list[Any], step: _ReplicaStep) -> list[Any]:
@@ -354,14 +354,15 @@ def _global_mean_gradients(grads: list[Any], step: _ReplicaStep) -> list[Any]:
         for position, index in enumerate(present):
             out[index] = reduced[position]
         return out
-    # Weight each replica's local-mean gradient by its example count and reduce the counts in the
-    # same batch all-reduce (no extra collective), then divide by the global count.
-    reduced = context.all_reduce(
-        tf.distribute.ReduceOp.SUM, [_weighted(grads[i], step.count) for i in present] + [step.count]
-    )
-    total = reduced[-1]
+    # The loss carried n_r (backprop did the weighting for free): sum the gradients and the counts
+    # in the same batch all-reduce (no extra collective), then scale once by 1 / N.
+    # The count travels in the gradients' dtype: a batch all-reduce packs (concatenates) tensors.
+    dtype = grads[present[0]].dtype if present else tf.float32
+    count = tf.cast(step.count, dtype)
+    reduced = context.all_reduce(tf.distribute.ReduceOp.SUM, [grads[i] for i in present] + [count])
+    inverse = tf.math.reciprocal(reduced[-1])
     for position, index in enumerate(present):
-        out[index] = _divided(reduced[position], total)
+        out[index] = _scaled(reduced[position], inverse)
     return out
 
 
@@ -838,7 +839,52 @@ def _preemption_handler(callback: Any) -> Any:
     return handler
 
 
-# === 9. BatchNormalization under data parallelism ===# === 7. BatchNormalization under data parallelism ===
+# === 9. Empty replica batches on CPU (oneDNN) ===
+
+
+def _guard_empty_batches() -> bool:
+    context = tf.distribute.get_replica_context()
+    return (
+        context is not None
+        and context.num_replicas_in_sync > 1
+        and not tf.executing_eagerly()
+        and is_managed(context.strategy)
+        and not tf.config.list_physical_devices("GPU")
+    )
+
+
+def _empty_safe(upstream_key: str) -> Callable[..., Any]:
+    """A layer `call` that returns an empty batch of the right shape for an empty input batch.
+
+    When a final batch is smaller than the replica count, some replicas get 0 examples. TF 2.21's
+    oneDNN CPU kernels mishandle that: Conv2D / DepthwiseConv2D return their *input* (shape
+    (0, 16, 16, 3) instead of (0, 16, 16, 8)), so the next layer fails with "input depth must be
+    evenly divisible by filter depth", and MaxPool's gradient aborts the process ("Check failed:
+    dtype() == expected_dtype"). On CPU-only hosts, under a multi-replica tfpar strategy, these
+    layers skip their kernels on an empty batch (a tf.cond that keeps conv + bias + activation
+    fused inside the taken branch). No upstream issue found; verified on TF 2.21.0.
+    """
+
+    def call(self: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        upstream = _UPSTREAM[upstream_key]
+        if not isinstance(inputs, tf.Tensor) or not _guard_empty_batches():
+            return upstream(self, inputs, *args, **kwargs)
+        try:
+            shape = tuple(self.compute_output_shape(tuple(inputs.shape)))
+        except Exception:  # noqa: BLE001 - a layer that cannot say: leave it as upstream has it
+            return upstream(self, inputs, *args, **kwargs)
+        if any(dim is None for dim in shape[1:]):
+            return upstream(self, inputs, *args, **kwargs)
+        return tf.cond(
+            tf.shape(inputs)[0] > 0,
+            lambda: upstream(self, inputs, *args, **kwargs),
+            lambda: tf.zeros((0, *shape[1:]), dtype=self.compute_dtype),
+        )
+
+    return call
+
+
+# === 10. BatchNormalization under data parallelism ===# === 7. BatchNormalization under data parallelism ===
 
 
 def _batchnorm_layers(model: Any) -> list[Any]:

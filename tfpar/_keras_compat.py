@@ -76,6 +76,12 @@ Interceptions (verified on TensorFlow 2.21.0 / Keras 3.15.1):
    makes ``keras.layers.BatchNormalization(...)`` default to ``synchronized=True`` while it is open
    (hook: ``BatchNormalization.__init__``); fit under a multi-replica strategy warns once per model
    that still has unsynchronized layers.
+10. **Empty replica batches on CPU** (``tests/test_exactness.py``). A final batch smaller than the
+   replica count leaves some replicas with 0 examples; TF 2.21's oneDNN CPU kernels then return a
+   convolution's input as its output and abort the process in max-pooling's gradient. On CPU-only
+   hosts, tfpar's multi-replica strategies let conv and pooling layers skip their kernels on an
+   empty batch (hooks: ``BaseConv``/``BaseConvTranspose``/``BaseDepthwiseConv``/
+   ``BaseSeparableConv``/``BasePooling.call``).
 """
 
 from __future__ import annotations
@@ -156,6 +162,12 @@ INTERCEPTIONS = (
         "keras.layers.BatchNormalization.__init__ (default synchronized=True inside a scope)",
         "(no upstream issue: Keras 3 leaves BatchNormalization(synchronized=False) by default)",
         "batch statistics independent of the replica count",
+    ),
+    Interception(
+        "keras.src.layers.convolutional.base_*.Base*Conv*.call, "
+        "keras.src.layers.pooling.base_pooling.BasePooling.call",
+        "(TF 2.21 oneDNN kernels on empty batches; no upstream issue found)",
+        "CNNs train when a replica's share of the final batch is empty (CPU)",
     ),
     Interception(
         "tensorflow.python.distribute.mirrored_strategy.MirroredStrategy._collective_key_base",

@@ -231,8 +231,9 @@ def test_a_finite_dataset_epoch_is_its_number_of_batches(core):
 @pytest.mark.multiprocess
 def test_dataset_fn_gets_the_worker_count_and_index_to_shard(core):
     dataset_fn = core["dataset_fn"]
-    # Called once on the coordinator (index 0) and traced for the workers with a tensor index.
-    assert dataset_fn["contexts"] == [[2, "int"], [2, "SymbolicTensor"]]
+    # Traced once on the coordinator (for its element structure) and once for the workers, with
+    # the worker index as a tensor.
+    assert dataset_fn["contexts"] == [[2, "SymbolicTensor"], [2, "SymbolicTensor"]]
     # 6 steps of 16 from two disjoint shards: 96 different examples, none twice.
     assert sorted(set(dataset_fn["seen_delta"])) == [0.0, 1.0]
     assert sum(dataset_fn["seen_delta"]) == 96.0

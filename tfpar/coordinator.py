@@ -658,20 +658,25 @@ class _Runner:
 
     # -- worker-side step loops ------------------------------------------------------------------
 
-    def run_steps(self, n: tf.Tensor, one_step: Callable[[tf.Tensor], Any], structure: Any = None) -> tuple[tf.Tensor, Any]:
-        """Runs ``one_step(i)`` for i < n inside a closure; returns (steps run, last outputs).
+    def run_steps(self, count: int, one_step: Callable[[tf.Tensor], Any], structure: Any = None) -> tuple[tf.Tensor, Any]:
+        """Runs ``one_step(i)`` for i < count inside a closure; returns (steps run, last outputs).
 
-        With bounded staleness every step first passes the gate; `structure` (the step's output
-        structure, from :meth:`output_structure`) gives the outputs of a closure that ran no step.
+        `count` is a Python int (part of the traced function, so nothing is sent per closure;
+        there are at most two values: steps_per_execution and an epoch's remainder). With bounded
+        staleness every step first passes the gate; `structure` (the step's output structure,
+        from :meth:`output_structure`) gives the outputs of a closure that ran no step.
         """
         staleness = self.staleness if structure is not None else None
         optimizer = self.model.optimizer
-        one = tf.constant(1, n.dtype)
+        n = tf.constant(count, tf.int64)
+        one = tf.constant(1, tf.int64)
+        if staleness is None and count == 1:
+            return one, one_step(tf.constant(0, tf.int64))
         if staleness is None:
             def body(i: tf.Tensor, outputs: Any) -> tuple[Any, ...]:
                 return i + 1, one_step(i)
 
-            first = one_step(tf.constant(0, n.dtype))
+            first = one_step(tf.constant(0, tf.int64))
             _, outputs = tf.while_loop(
                 lambda i, outputs: i < n, body, (one, first),
                 shape_invariants=(tf.TensorShape([]), _relaxed(first)),
@@ -696,17 +701,17 @@ class _Runner:
         with tf.control_dependencies([staleness.enter()]):
             go = staleness.gate(worker)
         shapes = _shapes(structure)
-        first = _run_if(go, lambda: accounted(tf.constant(0, n.dtype)), _zeros(structure), shapes)
+        first = _run_if(go, lambda: accounted(tf.constant(0, tf.int64)), _zeros(structure), shapes)
 
         def gated_body(i: tf.Tensor, ran: tf.Tensor, alive: tf.Tensor, outputs: Any) -> tuple[Any, ...]:
             go = staleness.gate(worker)
             outputs = _run_if(go, lambda: accounted(i), outputs, shapes)
-            return i + 1, ran + tf.cast(go, n.dtype), go, outputs
+            return i + 1, ran + tf.cast(go, tf.int64), go, outputs
 
         _, ran, _, outputs = tf.while_loop(
             lambda i, ran, alive, outputs: tf.logical_and(i < n, alive),
             gated_body,
-            (one, tf.cast(go, n.dtype), go, first),
+            (one, tf.cast(go, tf.int64), go, first),
             shape_invariants=(tf.TensorShape([]), tf.TensorShape([]), tf.TensorShape([]), shapes),
         )
         return ran, outputs
@@ -1019,7 +1024,7 @@ def _fit_loop(
                 )
             sample_weight = _array_class_weights(np.asarray(y) if _is_array_like(y) else y, class_weight)
         arrays = _array_input(x, y, sample_weight, batch_size, what="fit")
-        if validation_split:
+        if validation_split and validation_data is None:  # as Keras: validation_data wins
             if not 0 < validation_split < 1:
                 raise ValueError(f"Expected 0 < validation_split < 1. Received: validation_split={validation_split}")
             split = int(arrays.count * (1.0 - validation_split))
@@ -1031,7 +1036,7 @@ def _fit_loop(
             head = tf.nest.map_structure(lambda a: a[:split], arrays.data)
             tail = tf.nest.map_structure(lambda a: a[split:], arrays.data)
             arrays = _Arrays(head, split, arrays.batch_size)
-            validation_data = tail if validation_data is None else validation_data
+            validation_data = tail
     elif class_weight is not None:
         if dataset.dataset is not None:
             dataset = _Dataset(_with_class_weight(dataset.dataset, class_weight), None, None)
@@ -1043,15 +1048,7 @@ def _fit_loop(
     runner = _runner(model)
     strategy = runner.strategy
     if dataset is not None and dataset.dataset_fn is not None:
-        context = tf.distribute.InputContext(runner.workers, 0, strategy.num_replicas_in_sync)
-        with tf.device("/job:chief" if _has_chief(strategy) else "/device:CPU:0"):
-            probe = dataset.dataset_fn(context)
-        if not isinstance(probe, tf.data.Dataset):
-            raise TypeError(
-                "Expected dataset_fn(input_context) to return a tf.data.Dataset. "
-                f"Received: {type(probe).__name__}"
-            )
-        dataset.element_spec = probe.element_spec
+        dataset.element_spec = _probe_element_spec(runner, dataset.dataset_fn)
 
     if arrays is not None:
         if steps_per_epoch is None:
@@ -1133,10 +1130,10 @@ def _fit_loop(
             if arrays is not None:
                 indices, splits, n = item
                 remote = runner.coordinator.schedule(
-                    train, args=(worker_data.iterator, tf.constant(indices), tf.constant(splits), tf.constant(n, tf.int64))
+                    train, args=(worker_data.iterator, tf.constant(indices), tf.constant(splits), n)
                 )
             else:
-                remote = runner.coordinator.schedule(train, args=(iterator, tf.constant(item, tf.int64)))
+                remote = runner.coordinator.schedule(train, args=(iterator, item))
             scheduled.append((remote, item))
             step += size
             lagged.push(step - 1, remote)
@@ -1173,9 +1170,29 @@ def _fit_loop(
     return model.history
 
 
-def _has_chief(strategy: tf.distribute.Strategy) -> bool:
-    resolver = strategy.cluster_resolver
-    return resolver is not None and resolver.task_type == "chief"
+def _probe_element_spec(runner: _Runner, dataset_fn: Callable[..., Any]) -> Any:
+    """The element structure of a dataset_fn's datasets, from a trace (nothing runs).
+
+    Tracing (rather than calling) lets the function use
+    tf.distribute.coordinator.experimental_get_current_worker_index(), which only works in a
+    function, and keeps its pipeline from doing any work on the coordinator.
+    """
+    workers, replicas = runner.workers, runner.strategy.num_replicas_in_sync
+    returned: dict[str, Any] = {}
+
+    def trace() -> tf.Tensor:
+        worker = tf.distribute.coordinator.experimental_get_current_worker_index()
+        returned["dataset"] = dataset_fn(tf.distribute.InputContext(workers, worker, replicas))
+        return tf.constant(0)
+
+    tf.function(trace, autograph=False).get_concrete_function()
+    result = returned["dataset"]
+    if not isinstance(result, tf.data.Dataset):
+        raise TypeError(
+            "Expected dataset_fn(input_context) to return a tf.data.Dataset. "
+            f"Received: {type(result).__name__}"
+        )
+    return result.element_spec
 
 
 def _should_eval(epoch: int, validation_freq: Any) -> bool:
@@ -1217,10 +1234,10 @@ def _reschedule_skipped(runner: _Runner, train: Any, scheduled: list[tuple[Any, 
             if arrays is not None:
                 indices, splits, n = item
                 remote = runner.coordinator.schedule(
-                    train, args=(worker_data.iterator, tf.constant(indices), tf.constant(splits), tf.constant(n, tf.int64))
+                    train, args=(worker_data.iterator, tf.constant(indices), tf.constant(splits), n)
                 )
             else:
-                remote = runner.coordinator.schedule(train, args=(iterator, tf.constant(item, tf.int64)))
+                remote = runner.coordinator.schedule(train, args=(iterator, item))
             pending.append((remote, item))
         runner.coordinator.join()
 
@@ -1243,7 +1260,7 @@ def _per_worker_dataset(runner: _Runner, dataset: _Dataset) -> Any:
 def _train_arrays_fn(runner: _Runner, structure: Any) -> Callable[..., Any]:
     model = runner.model
 
-    def train_arrays(iterator: Any, indices: tf.Tensor, splits: tf.Tensor, n: tf.Tensor) -> Any:
+    def train_arrays(iterator: Any, indices: tf.Tensor, splits: tf.Tensor, n: int) -> Any:
         data = next(iterator)
 
         def one_step(i: tf.Tensor) -> Any:
@@ -1258,7 +1275,7 @@ def _train_arrays_fn(runner: _Runner, structure: Any) -> Callable[..., Any]:
 def _train_dataset_fn(runner: _Runner, structure: Any) -> Callable[..., Any]:
     model = runner.model
 
-    def train_dataset(iterator: Any, n: tf.Tensor) -> Any:
+    def train_dataset(iterator: Any, n: int) -> Any:
         def one_step(i: tf.Tensor) -> Any:
             return runner.step(model.train_step, next(iterator))
 
@@ -1347,7 +1364,7 @@ class _Evaluator:
                 callbacks.on_test_batch_begin(step)
                 remote = coordinator.schedule(
                     self.function,
-                    args=(self.worker_data.iterator, tf.constant(indices), tf.constant(splits), tf.constant(n, tf.int64)),
+                    args=(self.worker_data.iterator, tf.constant(indices), tf.constant(splits), n),
                 )
                 remotes.append(remote)
                 step += n
@@ -1376,7 +1393,7 @@ class _Evaluator:
             for _ in range(2 * workers):
                 callbacks.on_test_batch_begin(step)
                 remotes.append(coordinator.schedule(
-                    self.function, args=(iterator, tf.constant(_EVAL_BATCHES_PER_CLOSURE, tf.int64))
+                    self.function, args=(iterator, _EVAL_BATCHES_PER_CLOSURE)
                 ))
             coordinator.join()
             for remote in remotes:
@@ -1399,7 +1416,7 @@ def _python(value: Any) -> Any:
 def _test_arrays_fn(runner: _Runner) -> Callable[..., Any]:
     model = runner.model
 
-    def test_arrays(iterator: Any, indices: tf.Tensor, splits: tf.Tensor, n: tf.Tensor) -> Any:
+    def test_arrays(iterator: Any, indices: tf.Tensor, splits: tf.Tensor, n: int) -> Any:
         data = next(iterator)
 
         def one_step(i: tf.Tensor) -> Any:

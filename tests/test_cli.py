@@ -47,6 +47,26 @@ def test_train_with_options(tmp_path):
     assert metrics["config"]["strategy_options"]["devices"] == ["/device:CPU:0", "/device:CPU:1", "/device:CPU:2"]
 
 
+def test_train_model_parallel(tmp_path):
+    result = _tfpar("train", "--model-parallel", "2", "--microbatches", "2", "--epochs", "1", "--width", "0.125",
+                    "--output", str(tmp_path), "--quiet")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "| 1     | /device:CPU:1 |" in result.stdout  # the plan table: stage 1 on the second device
+    assert "replicas        1 (model split over 2 devices)" in result.stdout
+    bad = _tfpar("train", "--model-parallel", "2", "--strategy", "mirrored", timeout=120)
+    assert bad.returncode == 2 and "cannot be combined with --strategy mirrored" in bad.stderr
+
+
+def test_plan_command(tmp_path):
+    result = _tfpar("plan", "vgg16", "--devices", "4", "--balance", "params", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "4 stages, balance='params'" in result.stdout and "fc1" in result.stdout
+    over = _tfpar("plan", "alexnet", "--devices", "2", "--memory-limit", "100MB", timeout=300)
+    assert over.returncode == 1 and "over by" in over.stderr
+    bad = _tfpar("plan", "alexnet", "--devices", "2", "--memory-limit", "lots", timeout=120)
+    assert bad.returncode == 2 and "expected a size such as 16GB" in bad.stderr
+
+
 def test_train_below_min_accuracy_exits_1(tmp_path):
     result = _tfpar("train", "--strategy", "one_device", "--epochs", "1", "--width", "0.125",
                     "--min-accuracy", "1.0", "--output", str(tmp_path), "--quiet")

@@ -33,6 +33,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "job": ("tfpar.job", None),
     "launch": ("tfpar.launch", None),
     "models": ("tfpar.models", None),
+    "parallel": ("tfpar.parallel", None),
     "strategies": ("tfpar.strategies", None),
     "training": ("tfpar.training", None),
 }

@@ -1,4 +1,4 @@
-"""The ``tfpar`` command: ``train``, ``launch``, ``doctor`` (also ``python -m tfpar``).
+"""The ``tfpar`` command: ``train``, ``plan``, ``launch``, ``doctor`` (also ``python -m tfpar``).
 
 Bad arguments exit with status 2 and name the valid choices (argparse).
 """
@@ -72,6 +72,10 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _microbatches(text: str) -> int | str:
+    return "auto" if text == "auto" else _positive_int(text)
+
+
 def _fraction(text: str) -> float:
     value = _positive_float(text)
     if value > 1:
@@ -111,6 +115,11 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", default="digits", choices=["digits"],
                         help="training data (default: the bundled UCI digits)")
     parser.add_argument("--mixed-precision", default=None, choices=strategies.MIXED_PRECISION_POLICIES)
+    parser.add_argument("--model-parallel", type=_positive_int, default=None, metavar="K",
+                        help="split the model's layers over K devices (optimal FLOPs balance) "
+                             "instead of data parallelism")
+    parser.add_argument("--microbatches", type=_microbatches, default=1, metavar="M",
+                        help="micro-batches per step of the split model: an integer or 'auto' (default: 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="report directory (default: tfpar_runs/train-<time>)")
     parser.add_argument("--min-accuracy", type=_fraction, default=None,
@@ -132,7 +141,7 @@ def _configure_devices(requested: int | None) -> None:
 
 
 def _strategy_options(args: argparse.Namespace) -> dict[str, object]:
-    if args.devices is None or args.strategy not in ("auto", "mirrored", "central_storage"):
+    if args.model_parallel or args.devices is None or args.strategy not in ("auto", "mirrored", "central_storage"):
         return {}
     available = devices.default_replica_devices()
     if args.devices > len(available):
@@ -144,7 +153,14 @@ def _strategy_options(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    _configure_devices(args.devices)
+    if args.model_parallel and args.strategy not in ("auto", "default"):
+        print(
+            f"tfpar train: error: --model-parallel splits one model replica over devices and runs "
+            f"under the 'default' strategy; it cannot be combined with --strategy {args.strategy}",
+            file=sys.stderr,
+        )
+        return 2
+    _configure_devices(args.devices or args.model_parallel)
     config = job.TrainConfig(
         model=args.model,
         strategy=args.strategy,
@@ -157,6 +173,8 @@ def _train(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         width=args.width,
         mixed_precision=args.mixed_precision,
+        model_parallel=args.model_parallel,
+        microbatches=args.microbatches,
         seed=args.seed,
         output_dir=args.output,
         verbose=2 if args.quiet or not sys.stdout.isatty() else 1,
@@ -168,7 +186,8 @@ def _train(args: argparse.Namespace) -> int:
                 "",
                 "== tfpar train: summary ==",
                 f"strategy        {result.strategy} (--strategy {args.strategy})",
-                f"replicas        {result.replicas}",
+                f"replicas        {result.replicas}"
+                + (f" (model split over {args.model_parallel} devices)" if args.model_parallel else ""),
                 f"samples/s       {result.samples_per_second:,.0f} (last epoch)",
                 f"test accuracy   {result.test_accuracy:.4f}",
                 f"test loss       {result.test_loss:.4f}",
@@ -181,6 +200,62 @@ def _train(args: argparse.Namespace) -> int:
     if args.min_accuracy is not None and result.test_accuracy < args.min_accuracy:
         print(f"tfpar train: test accuracy {result.test_accuracy:.4f} is below --min-accuracy {args.min_accuracy}")
         return 1
+    return 0
+
+
+def _memory(text: str) -> float:
+    units = {"kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "b": 1.0}
+    lowered = text.strip().lower()
+    for unit, scale in units.items():
+        if lowered.endswith(unit):
+            try:
+                return float(lowered[: -len(unit)]) * scale
+            except ValueError:
+                break
+    raise argparse.ArgumentTypeError(f"expected a size such as 16GB or 512MB, received {text!r}")
+
+
+def _add_plan(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "plan",
+        help="print the optimal model-parallel placement of a model over N devices",
+        description="Plan a split of MODEL's layers over N devices and print the stage table "
+        "(devices need not exist here: this plans for the target machine).",
+    )
+    parser.add_argument("model", choices=models.available(), metavar="MODEL",
+                        help=f"one of: {', '.join(models.available())}")
+    parser.add_argument("--devices", type=_positive_int, required=True, help="number of devices (stages)")
+    parser.add_argument("--balance", default="flops", choices=["flops", "params", "memory", "time"])
+    parser.add_argument("--microbatches", type=_microbatches, default=1, metavar="M",
+                        help="micro-batches per step: an integer or 'auto' (GPipe's m >= 4p)")
+    parser.add_argument("--batch-size", type=_positive_int, default=32)
+    parser.add_argument("--memory-limit", type=_memory, default=None, metavar="SIZE",
+                        help="memory of each device, e.g. 16GB (the plan says which stage overflows)")
+    parser.add_argument("--input-shape", type=_positive_int, nargs=3, default=None, metavar=("H", "W", "C"),
+                        help="model input shape (default: the model's own, e.g. 224 224 3)")
+    parser.set_defaults(handler=_plan)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from tfpar import parallel
+
+    options = {} if args.input_shape is None else {"input_shape": tuple(args.input_shape)}
+    model = models.get(args.model, **options)
+    limits = None if args.memory_limit is None else [args.memory_limit] * args.devices
+    try:
+        plan = parallel.plan(
+            model,
+            args.devices,
+            balance=args.balance,
+            microbatches=args.microbatches,
+            batch_size=args.batch_size,
+            memory_limits=limits,
+            check_devices=False,
+        )
+    except ValueError as error:
+        print(f"tfpar plan: error: {error}", file=sys.stderr)
+        return 1
+    print(plan.summary())
     return 0
 
 
@@ -217,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     _add_train(subparsers)
+    _add_plan(subparsers)
     _add_launch(subparsers)
     _add_doctor(subparsers)
     return parser

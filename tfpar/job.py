@@ -47,6 +47,9 @@ class TrainConfig:
         width: Channel multiplier for tfpar's AlexNet/VGG builders (small models train fast on CPU).
         test_fraction: Held-out fraction for the test accuracy.
         mixed_precision: ``"mixed_float16"``, ``"mixed_bfloat16"`` or None.
+        model_parallel: Split the model's layers over this many devices (``tfpar.parallel``;
+            optimal FLOPs balance), instead of data parallelism. None: no split.
+        microbatches: Micro-batches per step of the split model (an int or ``"auto"``).
         seed: Seed for the split, initialization and shuffling.
         output_dir: Where the report goes; default ``tfpar_runs/<timestamp>``.
         verbose: Keras verbosity (1 progress bar, 2 one line per epoch, 0 silent).
@@ -64,6 +67,8 @@ class TrainConfig:
     width: float = 0.25
     test_fraction: float = 0.2
     mixed_precision: str | None = None
+    model_parallel: int | None = None
+    microbatches: int | str = 1
     seed: int = 0
     output_dir: str | None = None
     verbose: int = 1
@@ -83,6 +88,15 @@ class TrainConfig:
             raise ValueError(f"Expected data to be 'digits'. Received: data={self.data!r}")
         if self.image_size is not None and self.image_size < 8:
             raise ValueError(f"Expected image_size >= 8. Received: image_size={self.image_size!r}")
+        if self.model_parallel is not None:
+            if self.model_parallel < 1:
+                raise ValueError(f"Expected model_parallel >= 1. Received: model_parallel={self.model_parallel!r}")
+            if self.strategy not in ("auto", "default"):
+                raise ValueError(
+                    "model_parallel splits one model replica over several devices and runs under "
+                    f"the 'default' strategy. Received: strategy={self.strategy!r}. Drop the "
+                    "strategy, or drop model_parallel for data parallelism."
+                )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,12 +170,24 @@ def train(config: TrainConfig | None = None, *, log: Callable[[str], None] = pri
     config = config or TrainConfig()
     keras.utils.set_random_seed(config.seed)
     # The strategy comes first: multi_worker must exist before TensorFlow's first operation.
-    strategy = strategies.get_strategy(config.strategy, **config.strategy_options)
+    name = "default" if config.model_parallel else config.strategy
+    strategy = strategies.get_strategy(name, **config.strategy_options)
     x_train, y_train, x_test, y_test = load_data(config)
     num_classes = int(y_train.max()) + 1
     with strategies.scope(strategy, mixed_precision=config.mixed_precision):
         replicas = strategy.num_replicas_in_sync
         model = build_model(config, x_train.shape[1:], num_classes)
+        placement = ""
+        if config.model_parallel:
+            from tfpar import parallel
+
+            model = parallel.split(
+                model, config.model_parallel, config.microbatches, batch_size=config.batch_size
+            )
+            placement = (
+                f", split over {config.model_parallel} devices in {model.microbatches} "
+                f"micro-batch(es):\n{model.plan.summary()}"
+            )
         rule = "linear" if config.optimizer == "sgd" else "sqrt"
         learning_rate = training.scale_learning_rate(config.learning_rate, factor=replicas, rule=rule)
         optimizer = (
@@ -174,7 +200,7 @@ def train(config: TrainConfig | None = None, *, log: Callable[[str], None] = pri
         f"tfpar {__version__}: training {config.model} ({model.count_params():,} parameters) on "
         f"{len(y_train)} digits images {x_train.shape[1]}x{x_train.shape[2]}, strategy "
         f"{strategies.strategy_name(strategy)} with {replicas} replica(s), global batch {config.batch_size}, "
-        f"learning rate {learning_rate:.3g}"
+        f"learning rate {learning_rate:.3g}{placement}"
     )
     callbacks: list[keras.callbacks.Callback] = [training.Throughput(config.batch_size)]
     if replicas > 1:

@@ -318,6 +318,8 @@ def strategy_name(strategy: tf.distribute.Strategy) -> str:
     """
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return "MultiWorkerMirroredStrategy"
+    if not tf.distribute.has_strategy() and strategy is tf.distribute.get_strategy():
+        return "default"
     return type(strategy).__name__
 
 

@@ -180,7 +180,8 @@ def test_iterations_and_metrics_count_every_step(core):
     assert fit["iterations"] == 3 * fit["steps_per_epoch"] == 30
     assert fit["history"]["applied_steps"] == [10.0, 10.0, 10.0]
     assert fit["loss_count"] == 50.0  # metrics hold the last validation pass: 50 examples, each once
-    assert spe["loss_count"] == 150.0  # the last training epoch: 150 examples, each once
+    assert spe["train_loss_count"] == 150.0  # the last training epoch: 150 examples, each once
+    assert spe["loss_count"] == 200.0  # ... and after evaluate: its 200 examples, each once
 
 
 @pytest.mark.multiprocess
@@ -220,6 +221,9 @@ def test_steps_per_execution_runs_several_steps_per_closure(core):
     assert spe["applied_steps"] == [10.0, 10.0]
     assert spe["iterations"] == 20  # a recompile starts a new optimizer
     assert spe["seen_delta"] == [2.0] * 150 + [0.0] * 50
+    # evaluate also runs steps_per_execution batches per closure (13 batches: 3+3+3+3+1).
+    assert spe["evaluate"]["loss"] == pytest.approx(spe["evaluate_local"]["loss"], rel=1e-5)
+    assert spe["evaluate"]["accuracy"] == pytest.approx(spe["evaluate_local"]["accuracy"], abs=1e-6)
 
 
 @pytest.mark.multiprocess
@@ -385,6 +389,11 @@ def test_an_error_in_a_step_surfaces_and_training_goes_on(errors):
     kind, text = errors["step_error"]
     assert kind == "InvalidArgumentError" and "outside the valid range" in text
     assert errors["after_error_applied"] == [4.0]
+
+
+@pytest.mark.multiprocess
+def test_a_hand_made_strategy_handed_to_tfpar_trains(errors):
+    assert errors["instance_fit"] == [4.0, 4.0]
 
 
 @pytest.mark.multiprocess

@@ -27,7 +27,8 @@ P2. **Exact counters and metric accumulators under concurrent workers**
     parameter server, and rewrites ``v.assign(v + delta)`` (how Keras's confusion-matrix metrics:
     Precision, Recall, AUC, ...; IoU and R2Score accumulate) into ``v.assign_add(delta)`` (hooks:
     ``Variable.assign_add / assign_sub / assign / __add__ / __radd__`` of the TensorFlow backend).
-P3. **Partitioned variables** (``variable_partitioner``; ``test_variable_partitioner_*``). With a
+P3. **Partitioned variables** (``variable_partitioner``; ``test_sharded_training_equals_training_in_one_process``,
+    ``test_sharded_embedding_lookup_reads_rows_not_whole_tables``, ``test_*_partitioner_*``). With a
     partitioner, ParameterServerStrategy creates a ``ShardedVariable`` (one shard per ps), which
     Keras 3 cannot train: ``GradientTape.gradient`` fails with "'ShardedVariable' object has no
     attribute 'handle'", optimizer slots are created unsharded on one ps (colocated with the

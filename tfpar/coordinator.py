@@ -331,6 +331,16 @@ def _install() -> None:
     compat.install(fit=_fit, evaluate=_evaluate, predict=_predict)
 
 
+def _enable(strategy: tf.distribute.ParameterServerStrategy) -> None:
+    """Makes Keras fit/evaluate/predict work under a ParameterServerStrategy tfpar did not create.
+
+    For ``tfpar.get_strategy(instance)`` / ``tfpar.scope(instance)`` (``_keras_compat.manage``):
+    default options (asynchronous, the instance's own partitioner).
+    """
+    _install()
+    compat.track(strategy)
+
+
 # =============================================================================================
 # Inputs
 # =============================================================================================

@@ -144,8 +144,13 @@ def core():
     before = np.array(seen(model))
     compile_model(model, spe=3)
     history = model.fit(x[:150], y[:150], batch_size=16, epochs=2, shuffle=False, verbose=0)
+    spe_local = local_copy(model)
+    train_count = float(model.metrics[0].count.numpy())  # the last training epoch's examples
     RESULT["spe"] = {
-        "loss_count": float(model.metrics[0].count.numpy()),  # the last epoch's examples, each once
+        "train_loss_count": train_count,
+        "evaluate": model.evaluate(x, y, batch_size=16, verbose=0, return_dict=True),  # 13 batches: 3+3+3+3+1
+        "evaluate_local": spe_local.evaluate(x, y, batch_size=16, verbose=0, return_dict=True),
+        "loss_count": float(model.metrics[0].count.numpy()),  # the last evaluate's examples, each once
         "iterations": int(model.optimizer.iterations.numpy()),
         "applied_steps": history.history["applied_steps"],
         "seen_delta": (np.array(seen(model)) - before).tolist(),
@@ -445,6 +450,13 @@ def errors():
     # Training still works after that error.
     history = model.fit(infinite, steps_per_epoch=4, epochs=1, verbose=0)
     RESULT["after_error_applied"] = history.history["applied_steps"]
+    # A ParameterServerStrategy made by hand and handed to tfpar (what _keras_compat.manage does).
+    instance = tfpar.get_strategy(tf.distribute.ParameterServerStrategy(resolver))
+    coordinator._enable(instance)
+    with tfpar.scope(instance):
+        handed = classifier()
+        compile_model(handed)
+    RESULT["instance_fit"] = handed.fit(x, y, batch_size=50, epochs=2, verbose=0).history["applied_steps"]
     # Upstream Keras under a ParameterServerStrategy tfpar does not manage.
     plain = tf.distribute.ParameterServerStrategy(resolver)
     with plain.scope():

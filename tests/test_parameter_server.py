@@ -230,6 +230,8 @@ def test_steps_per_execution_runs_several_steps_per_closure(core):
 def test_a_finite_dataset_epoch_is_its_number_of_batches(core):
     assert core["dataset_fit"]["applied_steps"] == [10.0, 10.0]
     assert core["dataset_fit"]["iterations"] == 20
+    # validation_data as a dataset: every validation batch evaluated once, on the final weights
+    assert core["dataset_fit"]["val_loss"] == pytest.approx(core["dataset_fit"]["val_loss_local"], rel=1e-5)
 
 
 @pytest.mark.multiprocess

@@ -158,9 +158,12 @@ def core():
     # A finite dataset: one epoch = its number of batches (cardinality).
     compile_model(model)
     ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(N).batch(20)
-    history = model.fit(ds, epochs=2, verbose=0)
+    validation = tf.data.Dataset.from_tensor_slices((x[:90], y[:90])).batch(20)  # 5 batches, the last of 10
+    history = model.fit(ds, epochs=2, verbose=0, validation_data=validation)
     RESULT["dataset_fit"] = {"applied_steps": history.history["applied_steps"], "cardinality": 10,
-                             "iterations": int(model.optimizer.iterations.numpy())}
+                             "iterations": int(model.optimizer.iterations.numpy()),
+                             "val_loss": history.history["val_loss"][-1],
+                             "val_loss_local": local_copy(model).evaluate(x[:90], y[:90], verbose=0)[0]}
     # A dataset_fn, called per worker with num_input_pipelines = 2 and this worker's index.
     contexts = []
 

@@ -391,6 +391,7 @@ def test_an_error_in_a_step_surfaces_and_training_goes_on(errors):
     kind, text = errors["step_error"]
     assert kind == "InvalidArgumentError" and "outside the valid range" in text
     assert errors["after_error_applied"] == [4.0]
+    assert errors["train_on_batch_after_fit"] == ["accuracy", "loss"]
 
 
 @pytest.mark.multiprocess

@@ -281,6 +281,11 @@ def build_for_predict(model: Any, strategy: tf.distribute.Strategy, x_spec: Any)
         backend.compute_output_spec(model, symbolic, training=False)
 
 
+def compiled_state(model: Any) -> tuple[Any, ...]:
+    """The objects ``model.compile`` creates (optimizer, compiled loss and metrics)."""
+    return (model.optimizer, model._compile_loss, model._compile_metrics)
+
+
 def take_initial_epoch(model: Any, default: int) -> int:
     """The epoch fit starts at: what BackupAndRestore restored (``model._initial_epoch``), else `default`."""
     return getattr(model, "_initial_epoch", None) or default

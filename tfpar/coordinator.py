@@ -40,14 +40,17 @@ What ``fit`` does with each kind of input:
   with ``input_context.num_input_pipelines`` = the number of workers and
   ``input_context.input_pipeline_id`` = this worker's index (a scalar tensor), so
   ``dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)`` gives
-  each worker a disjoint part. It is also called once on the coordinator to learn the element
-  structure. Needs ``steps_per_epoch``. Batch inside the function (per-worker batch size).
+  each worker a disjoint part. It is also traced (not run) once on the coordinator to learn the
+  element structure. Needs ``steps_per_epoch``. Batch inside the function (per-worker batch
+  size).
 
 ``evaluate``, ``predict`` and ``validation_data`` take arrays (each batch scheduled by index:
 exact, ordered) or a finite ``tf.data.Dataset`` (``steps`` bounds an infinite one): every worker
 runs the dataset and keeps the batches whose position ``i`` has ``i % workers == its index``, so
 each batch is evaluated once and predictions come back in dataset order (the dataset must yield
-the same batches on every worker: no unseeded shuffle).
+the same batches on every worker: no unseeded shuffle). ``train_on_batch``, ``test_on_batch`` and
+``predict_on_batch`` keep Keras's behaviour: they run the step in this process, reading and
+updating the variables on the parameter servers.
 
 Callbacks and logs (History, ModelCheckpoint, EarlyStopping, TensorBoard, BackupAndRestore,
 custom ones) get the same calls as in Keras, with these differences, all due to asynchronous
@@ -57,8 +60,9 @@ execution:
   batch-level logs (it overrides ``on_train_batch_end`` / ``on_batch_end``; the progress bar
   only with ``verbose=1``), ``on_train_batch_end`` receives that step's own logs, in step order,
   at most ``2 * workers + 1`` steps behind scheduling (fetching a step's logs is a round trip to
-  its worker); otherwise it is called at scheduling time with empty logs. ``stop_training`` set
-  from a batch callback takes effect after the already scheduled steps.
+  its worker, so ``verbose=1`` costs throughput); otherwise it is called at scheduling time with
+  empty logs. ``stop_training`` set from a batch callback takes effect after the already
+  scheduled steps.
 * Epoch logs are the model's metrics over every step of the epoch, read from the parameter
   servers after all of the epoch's steps finished, plus ``applied_steps``: the optimizer updates
   the epoch applied. ``verbose="auto"`` means 2 (one line per epoch) for ``fit`` and
@@ -75,12 +79,16 @@ Fault tolerance: when a worker dies, ClusterCoordinator re-runs its unfinished c
 workers and re-admits the worker when it comes back (``tfpar launch --ps M --max-restarts K``
 restarts it). A step that was interrupted after it had applied its update runs again: execution
 is **at least once**, and ``applied_steps`` in History counts such repeats (it is then larger
-than the number of steps scheduled). With ``staleness=k``, the other workers wait for a dead
+than the number of steps scheduled). A restarted worker rebuilds its input pipeline: with a
+dataset it starts its copy again from the beginning (arrays are unaffected, batches are sent as
+indices), and an evaluation on a dataset waits for every worker to finish its share, so it may
+count a restarted worker's batches twice. With ``staleness=k``, the other workers wait for a dead
 worker (up to a minute per attempt, then they reschedule) until it is back. When a parameter
 server fails, its variables are lost: ``fit`` raises :class:`ParameterServerError` naming the ps
 task, the last finished epoch, and the ``keras.callbacks.BackupAndRestore`` backup to resume from
 (restart the ps task and the coordinator; BackupAndRestore restores the weights, optimizer state
-and epoch; without it, the error says how to add it).
+and epoch, and the interrupted epoch runs again from its start; without it, the error says how
+to add it).
 
 Example:
     import tfpar
@@ -531,10 +539,9 @@ def _cardinality(dataset: tf.data.Dataset) -> int:
 class _Closures:
     """The tf.functions scheduled on workers for one compiled model (rebuilt after compile)."""
 
-    def __init__(self, runner: "_Runner") -> None:
-        self.runner = runner
-        self.functions: dict[str, Any] = {}
-        self.optimizer = runner.model.optimizer
+    def __init__(self, compiled: tuple[Any, ...]) -> None:
+        self.compiled = compiled  # what compile() created; a new compile means new functions
+        self.functions: dict[Any, Any] = {}
 
     def get(self, name: str, spec: Any, build: Callable[[], Callable[..., Any]]) -> Any:
         """The tf.function `name` for inputs of structure `spec` (built once per structure)."""
@@ -631,6 +638,7 @@ class _Runner:
         self.coordinator = compat.coordinator(strategy)
         self.workers = compat.num_workers(strategy)
         self.options = options(strategy)
+        self._closures: _Closures | None = None
         self.staleness: _Staleness | None = None
         if self.options.staleness is not None:
             self.staleness = _Staleness(strategy, self.workers, self.options.staleness)
@@ -638,12 +646,15 @@ class _Runner:
     # -- closures ------------------------------------------------------------------------------
 
     def closures(self) -> _Closures:
-        # Keras resets train_function (and the others) when the model is compiled again; tfpar
-        # keeps its worker functions there, so a recompiled model gets freshly traced ones.
-        current = self.model.train_function
-        if not isinstance(current, _Closures) or current.optimizer is not self.model.optimizer:
-            current = _Closures(self)
-            self.model.train_function = current
+        # The traced functions capture the optimizer, compiled loss and metrics: a model compiled
+        # again gets freshly traced ones. (Keras's own train_function etc. are left alone, so
+        # train_on_batch and friends keep working.)
+        compiled = compat.compiled_state(self.model)
+        current = self._closures
+        if current is None or len(current.compiled) != len(compiled) or any(
+            a is not b for a, b in zip(current.compiled, compiled)
+        ):
+            current = self._closures = _Closures(compiled)
         return current
 
     def reduce_mean(self, outputs: Any) -> Any:

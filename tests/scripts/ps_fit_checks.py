@@ -453,6 +453,8 @@ def errors():
     # Training still works after that error.
     history = model.fit(infinite, steps_per_epoch=4, epochs=1, verbose=0)
     RESULT["after_error_applied"] = history.history["applied_steps"]
+    # Keras's *_on_batch methods keep working next to tfpar's fit (they run on the coordinator).
+    RESULT["train_on_batch_after_fit"] = sorted(model.train_on_batch(x[:10], y[:10], return_dict=True))
     # A ParameterServerStrategy made by hand and handed to tfpar (what _keras_compat.manage does).
     instance = tfpar.get_strategy(tf.distribute.ParameterServerStrategy(resolver))
     coordinator._enable(instance)

@@ -87,3 +87,16 @@ def test_upstream_keras_fit_fails_under_multi_worker(tmp_path):
     code, log = _run_cluster(tmp_path, "64", "--upstream", timeout=180)
     assert code != 0
     assert "Attempt to convert a value (PerReplica" in log
+
+
+def test_tf_data_input_seeded_shuffle_is_sharded_exactly(tmp_path):
+    code, log = _run_cluster(tmp_path, "101", "--tfdata", "seeded", "--epochs", "2")
+    assert code == 0, log[-4000:]
+    assert _load(tmp_path, "worker0")["seen"] == [2.0] * 101
+
+
+def test_tf_data_input_unseeded_shuffle_is_refused(tmp_path):
+    """DATA sharding of a randomly ordered dataset makes workers overlap (tensorflow/tensorflow#56513)."""
+    code, log = _run_cluster(tmp_path, "101", "--tfdata", "unseeded", timeout=180)
+    assert code != 0
+    assert "seed" in log and "shuffle" in log

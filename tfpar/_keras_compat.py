@@ -42,13 +42,16 @@ Interceptions (verified on TensorFlow 2.21.0 / Keras 3.15.1):
    reduction dimension 0 for input with 0 dimensions"; tensorflow/tensorflow#72388). tfpar averages
    them over all replicas instead (hook: ``trainer.reduce_per_replica``), so every worker logs the
    same numbers.
-5. **One shuffle for all workers, a function of the epoch** (``tests/test_multi_worker.py``,
+5. **One shuffle for all workers, a function of the epoch; explicit sharding** (``tests/test_multi_worker.py``,
    ``tests/test_fault_tolerance.py``). Keras shuffles numpy inputs with an unseeded permutation per
    worker, so under MultiWorkerMirroredStrategy the DATA shards overlap: some examples are trained
    on several times per epoch, others never (tensorflow/tensorflow#56513). tfpar's permutation of
    epoch ``e`` is a stateless shuffle seeded by ``(seed, e)``, the seed shared by the workers and
    saved with backups (hooks: ``TFEpochIterator.__init__``, ``ArrayDataAdapter.get_tf_dataset``,
-   and ``TensorFlowTrainer.fit``, which adds the epoch clock).
+   and ``TensorFlowTrainer.fit``, which adds the epoch clock). A ``tf.data.Dataset`` given to fit
+   gets its auto-shard policy set explicitly (``tfpar.data.set_auto_shard_policy``): OFF on one
+   worker, FILE or DATA otherwise, and a clear refusal when DATA sharding would meet a randomly
+   ordered dataset (an unseeded shuffle) instead of silently overlapping shards.
 6. **Chief-only files** (``tests/test_fault_tolerance.py``). Keras 3's ModelCheckpoint,
    BackupAndRestore and TensorBoard have no chief/worker logic (tf-keras had it), so under
    MultiWorkerMirroredStrategy every worker writes the same files. Every worker must still take
@@ -541,11 +544,31 @@ def _shuffle_seed(strategy: Any) -> int:
 
 
 def _epoch_iterator_init(self: Any, distribute_strategy: Any = None, *args: Any, **kwargs: Any) -> None:
-    _SHARED_SHUFFLE.active = is_managed(distribute_strategy)
+    if not is_managed(distribute_strategy):
+        return _UPSTREAM["TFEpochIterator.__init__"](self, distribute_strategy, *args, **kwargs)
+    from keras.src.trainers.epoch_iterator import EpochIterator
+
+    from tfpar.data.shard import set_auto_shard_policy
+
+    # Upstream's TFEpochIterator.__init__, with the auto-shard policy set explicitly before the
+    # dataset is distributed: OFF on one worker (no-op warnings), FILE or DATA for several, and a
+    # clear refusal for DATA sharding of a randomly ordered dataset (workers would overlap,
+    # tensorflow/tensorflow#56513) or FILE sharding with fewer files than workers (#35878).
+    _SHARED_SHUFFLE.active = True
     try:
-        _UPSTREAM["TFEpochIterator.__init__"](self, distribute_strategy, *args, **kwargs)
+        EpochIterator.__init__(self, *args, **kwargs)
     finally:
         _SHARED_SHUFFLE.active = False
+    self._distribute_strategy = distribute_strategy
+    dataset = self.data_adapter.get_tf_dataset()
+    if not isinstance(dataset, tf.distribute.DistributedDataset):
+        workers = distribute_strategy.num_replicas_in_sync // max(
+            1, len(distribute_strategy.extended.worker_devices)
+        )
+        dataset = set_auto_shard_policy(dataset, workers)
+        dataset = distribute_strategy.experimental_distribute_dataset(dataset)
+    self._distributed_dataset = dataset
+    return None
 
 
 def _array_dataset(self: Any) -> tf.data.Dataset:

@@ -27,6 +27,7 @@ parser.add_argument("--strategy", default="auto")
 parser.add_argument("--spe", type=int, default=1)
 parser.add_argument("--epochs", type=int, default=2)
 parser.add_argument("--upstream", action="store_true", help="a plain MultiWorkerMirroredStrategy, no tfpar")
+parser.add_argument("--tfdata", choices=["seeded", "unseeded"], help="fit a shuffled tf.data.Dataset instead of arrays")
 args = parser.parse_args()
 
 
@@ -52,7 +53,8 @@ rng = np.random.default_rng(0)
 x = np.concatenate([np.arange(args.n)[:, None], rng.normal(size=(args.n, 8))], axis=1).astype("float32")
 y = rng.integers(0, 3, args.n)
 with strategy.scope():
-    keras.utils.set_random_seed(7)
+    if args.tfdata != "unseeded":  # a global seed would make the "unseeded" shuffle deterministic
+        keras.utils.set_random_seed(7)
     model = keras.Sequential(
         [keras.Input((9,)), CountSeen(), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(3)]
     )
@@ -62,7 +64,11 @@ with strategy.scope():
         metrics=["accuracy"],
         steps_per_execution=args.spe,
     )
-history = model.fit(x, y, batch_size=32, epochs=args.epochs, shuffle=args.shuffle, verbose=0, validation_data=(x, y))
+if args.tfdata:
+    data = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(args.n, seed=3 if args.tfdata == "seeded" else None)
+    history = model.fit(data.batch(32), epochs=args.epochs, verbose=0, validation_data=(x, y))
+else:
+    history = model.fit(x, y, batch_size=32, epochs=args.epochs, shuffle=args.shuffle, verbose=0, validation_data=(x, y))
 evaluation = model.evaluate(x, y, verbose=0)
 predictions = model.predict(x, verbose=0)
 task = "single" if args.single else f"{tfpar.cluster.task_type()}{tfpar.cluster.task_index()}"

@@ -67,6 +67,26 @@ def test_plan_command(tmp_path):
     assert bad.returncode == 2 and "expected a size such as 16GB" in bad.stderr
 
 
+def test_train_on_an_image_folder(tmp_path):
+    import numpy as np
+    import tensorflow as tf
+
+    from tfpar import datasets
+
+    images, labels = datasets.load_digits()
+    for index in range(120):
+        folder = tmp_path / "digits" / f"class_{labels[index]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        png = tf.io.encode_png(np.uint8(images[index] * 15))
+        (folder / f"{index}.png").write_bytes(png.numpy())
+    result = _tfpar("train", "--data", str(tmp_path / "digits"), "--epochs", "1", "--width", "0.125",
+                    "--batch-size", "16", "--output", str(tmp_path / "report"), "--quiet")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"{tmp_path / 'digits'} images 64x64x3" in result.stdout  # read as RGB, resized
+    missing = _tfpar("train", "--data", str(tmp_path / "nothing_here"), timeout=120)
+    assert missing.returncode == 2 and "received" in missing.stderr and "(not found)" in missing.stderr
+
+
 def test_train_below_min_accuracy_exits_1(tmp_path):
     result = _tfpar("train", "--strategy", "one_device", "--epochs", "1", "--width", "0.125",
                     "--min-accuracy", "1.0", "--output", str(tmp_path), "--quiet")

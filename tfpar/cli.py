@@ -76,6 +76,16 @@ def _microbatches(text: str) -> int | str:
     return "auto" if text == "auto" else _positive_int(text)
 
 
+def _data_source(text: str) -> str:
+    import tensorflow as tf
+
+    if text == "digits" or tf.io.gfile.glob(text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"expected 'digits' or an existing image folder / TFRecord path / .npz file, received {text!r} (not found)"
+    )
+
+
 def _fraction(text: str) -> float:
     value = _positive_float(text)
     if value > 1:
@@ -112,8 +122,9 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
                         help="channel multiplier of AlexNet/VGG (default: %(default)s)")
     parser.add_argument("--image-size", type=_positive_int, default=None,
                         help="side of the square input images (default: 64 for AlexNet, 32 otherwise)")
-    parser.add_argument("--data", default="digits", choices=["digits"],
-                        help="training data (default: the bundled UCI digits)")
+    parser.add_argument("--data", default="digits", type=_data_source, metavar="digits|PATH",
+                        help="training data: the bundled UCI 'digits' (default), an image folder "
+                             "(class sub-folders), TFRecords (x/y features) or a .npz file")
     parser.add_argument("--mixed-precision", default=None, choices=strategies.MIXED_PRECISION_POLICIES)
     parser.add_argument("--model-parallel", type=_positive_int, default=None, metavar="K",
                         help="split the model's layers over K devices (optimal FLOPs balance) "

@@ -42,7 +42,10 @@ class TrainConfig:
         learning_rate: Base learning rate for one replica; scaled for the replica count (linear
             for SGD, square root for Adam) and warmed up over the first epoch when scaled.
         optimizer: ``"adam"`` or ``"sgd"`` (with momentum 0.9).
-        data: ``"digits"`` (bundled).
+        data: ``"digits"`` (bundled), or a path: an image folder in the
+            ``keras.utils.image_dataset_from_directory`` layout, TFRecords (``x``/``y`` features,
+            as ``tfpar.data.write_tfrecords`` writes) or a ``.npz`` with ``x`` and ``y``; read with
+            ``tfpar.data.read`` into memory.
         image_size: Side of the square images fed to the model; default depends on the model.
         width: Channel multiplier for tfpar's AlexNet/VGG builders (small models train fast on CPU).
         test_fraction: Held-out fraction for the test accuracy.
@@ -84,8 +87,11 @@ class TrainConfig:
             raise ValueError(f"Expected 0 < test_fraction < 1. Received: test_fraction={self.test_fraction!r}")
         if self.learning_rate <= 0:
             raise ValueError(f"Expected learning_rate > 0. Received: learning_rate={self.learning_rate!r}")
-        if self.data != "digits":
-            raise ValueError(f"Expected data to be 'digits'. Received: data={self.data!r}")
+        if self.data != "digits" and not tf.io.gfile.glob(self.data):
+            raise ValueError(
+                "Expected data to be 'digits' or an existing image folder (class sub-folders), "
+                f"TFRecord file/glob/folder or .npz file. Received: data={self.data!r} (not found)"
+            )
         if self.image_size is not None and self.image_size < 8:
             raise ValueError(f"Expected image_size >= 8. Received: image_size={self.image_size!r}")
         if self.model_parallel is not None:
@@ -122,12 +128,40 @@ class TrainResult:
     report_dir: Path | None
 
 
+def _read_path(path: str, side: int) -> tuple[np.ndarray, np.ndarray]:
+    from tfpar import data
+
+    options = {"image_size": (side, side)} if tf.io.gfile.isdir(path) and _has_subfolders(path) else {}
+    dataset = data.read(path, **options)
+    if isinstance(dataset.element_spec, dict):
+        dataset = dataset.map(lambda example: (example["x"], example["y"]))
+    images, labels = [], []
+    for image, label in dataset.as_numpy_iterator():
+        images.append(image)
+        labels.append(label)
+    if not images:
+        raise ValueError(f"Expected at least one example in data={path!r}. Received: an empty dataset")
+    x = np.stack(images).astype("float32")
+    if x.ndim == 3:
+        x = x[..., None]
+    scale = 255.0 if x.max() > 1.0 else 1.0
+    return x / scale, np.asarray(labels).astype("int64").reshape(-1)
+
+
+def _has_subfolders(path: str) -> bool:
+    return any(tf.io.gfile.isdir(f"{path}/{name}") for name in tf.io.gfile.listdir(path))
+
+
 def load_data(config: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Returns ``(x_train, y_train, x_test, y_test)`` as float32 images in [0, 1] and int labels."""
-    images, labels = datasets.load_digits()
-    order = np.random.default_rng(config.seed).permutation(len(labels))
-    images, labels = images[order] / 16.0, labels[order]
     side = config.image_size or _MIN_SIDE[_family(config.model)]
+    if config.data == "digits":
+        images, labels = datasets.load_digits()
+        images = images / 16.0
+    else:
+        images, labels = _read_path(config.data, side)
+    order = np.random.default_rng(config.seed).permutation(len(labels))
+    images, labels = images[order], labels[order]
     images = tf.image.resize(images, (side, side)).numpy().astype("float32")
     n_test = max(1, int(round(len(labels) * config.test_fraction)))
     return images[n_test:], labels[n_test:], images[:n_test], labels[:n_test]
@@ -198,7 +232,8 @@ def train(config: TrainConfig | None = None, *, log: Callable[[str], None] = pri
         model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     log(
         f"tfpar {__version__}: training {config.model} ({model.count_params():,} parameters) on "
-        f"{len(y_train)} digits images {x_train.shape[1]}x{x_train.shape[2]}, strategy "
+        f"{len(y_train)} {'digits' if config.data == 'digits' else config.data} images "
+        f"{x_train.shape[1]}x{x_train.shape[2]}x{x_train.shape[3]}, strategy "
         f"{strategies.strategy_name(strategy)} with {replicas} replica(s), global batch {config.batch_size}, "
         f"learning rate {learning_rate:.3g}{placement}"
     )

@@ -312,11 +312,6 @@ def num_workers(strategy: tf.distribute.ParameterServerStrategy) -> int:
     return int(strategy._num_workers)
 
 
-def num_ps(strategy: tf.distribute.ParameterServerStrategy) -> int:
-    """How many parameter-server tasks hold the variables."""
-    return int(strategy._num_ps)
-
-
 def track(strategy: tf.distribute.ParameterServerStrategy) -> None:
     """Stops the strategy's ClusterCoordinator (if any) at exit, before finalization (P4)."""
     _STRATEGIES.add(strategy)

@@ -102,11 +102,13 @@ Example:
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import gc
 import math
 import numbers
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import keras
@@ -808,7 +810,11 @@ class _WorkerArrays:
         def dataset_fn() -> tf.data.Dataset:
             return tf.data.Dataset.from_tensors(tf.nest.map_structure(tf.constant, data)).repeat()
 
-        self.iterator = iter(runner.coordinator.create_per_worker_dataset(dataset_fn))
+        # Keep the per-worker dataset as long as its iterator: when it is garbage-collected, its
+        # functions are removed from the cluster, which waits for the running steps (measured:
+        # 0.9 s of a 1.5 s epoch when that happened mid-epoch).
+        self.dataset = runner.coordinator.create_per_worker_dataset(dataset_fn)
+        self.iterator = iter(self.dataset)
 
 
 def _gather(data: Any, indices: tf.Tensor) -> Any:
@@ -997,7 +1003,21 @@ def _backup_dir(callbacks: keras.callbacks.CallbackList) -> str | None:
 
 def _fit(model: keras.Model, **kwargs: Any) -> keras.callbacks.History:
     progress = _Progress()
-    return _translating(progress, lambda: _fit_loop(model, progress, **kwargs))
+    with _collecting_garbage():
+        return _translating(progress, lambda: _fit_loop(model, progress, **kwargs))
+
+
+@contextlib.contextmanager
+def _collecting_garbage() -> Iterator[None]:
+    """Collects garbage first, while no step runs on the workers.
+
+    Input pipelines and functions left over by earlier calls are removed from the cluster when
+    they are garbage-collected, and removing a function waits for the steps running at the time
+    (measured: 0.9 s for the per-worker pipeline of a 24 MB in-memory dataset). Collected here,
+    that happens before this call schedules anything instead of stalling one of its epochs.
+    """
+    gc.collect()
+    yield
 
 
 def _check_positive_int(name: str, value: Any, allow_none: bool = True) -> None:
@@ -1112,7 +1132,8 @@ def _fit_loop(
         train = closures.get("train_arrays", arrays.spec(), lambda: _train_arrays_fn(
             runner, runner.output_structure(model.train_step, arrays.spec()) if staleness is not None else None))
     else:
-        iterator = iter(runner.coordinator.create_per_worker_dataset(_per_worker_dataset(runner, dataset)))
+        per_worker = runner.coordinator.create_per_worker_dataset(_per_worker_dataset(runner, dataset))
+        iterator = iter(per_worker)
         train = closures.get("train_dataset", dataset.element_spec, lambda: _train_dataset_fn(
             runner, runner.output_structure(model.train_step, dataset.element_spec) if staleness is not None else None))
     validator = _Evaluator(runner, validation, closures) if validation is not None else None
@@ -1137,7 +1158,11 @@ def _fit_loop(
         callbacks.on_epoch_begin(epoch)
         applied_before = compat.optimizer_steps(model.optimizer)
         lagged = _Lagged(callbacks.on_train_batch_end, window, lagged_logs)
-        scheduled: list[tuple[Any, Any]] = []  # (remote, what it carried)
+        # RemoteValues are kept only when needed: dropping many at once makes the coordinator
+        # delete their tensors on the workers in a burst (measured: +10% epoch time when all of an
+        # epoch's were kept). Bounded staleness needs each closure's count of steps run.
+        scheduled: list[tuple[Any, Any]] = []  # (remote, what it carried), with staleness only
+        last_remote = remote = None
         if arrays is not None:
             plan = _pack_closures(stream.take(steps_per_epoch), spe, arrays.batch_size)
         else:
@@ -1155,21 +1180,25 @@ def _fit_loop(
                 )
             else:
                 remote = runner.coordinator.schedule(train, args=(iterator, item))
-            scheduled.append((remote, item))
+            if staleness is not None:
+                scheduled.append((remote, item))
+            last_remote = remote
             step += size
             lagged.push(step - 1, remote)
             if model.stop_training:
                 break
         if staleness is not None and len(scheduled) < len(plan):
             staleness.plan(len(scheduled) - len(plan))
+        remote = None
         runner.coordinator.join()
         lagged.drain()
         if staleness is not None:
             _reschedule_skipped(runner, train, scheduled, arrays, worker_data if arrays is not None else None,
                                 iterator if arrays is None else None)
         last = lagged.last_logs
-        if last is None and scheduled:
-            last = _last_run_logs(scheduled)
+        if last is None and last_remote is not None:
+            last = _last_run_logs(scheduled or [(last_remote, None)])
+        last_remote = None
         logs = last if last is not None else {}
         epoch_logs = compat.metrics_result_or_logs(model, logs)
         applied_after = compat.optimizer_steps(model.optimizer)
@@ -1380,21 +1409,20 @@ class _Evaluator:
             spe = int(model.steps_per_execution)
             plan = _pack_closures(self.data.ordered_batches(), spe, self.data.batch_size)
             step = 0
-            remotes = []
+            remote = None  # only the last RemoteValue is kept (see the note in _fit_loop)
             for indices, splits, n in plan:
                 callbacks.on_test_batch_begin(step)
                 remote = coordinator.schedule(
                     self.function,
                     args=(self.worker_data.iterator, tf.constant(indices), tf.constant(splits), n),
                 )
-                remotes.append(remote)
                 step += n
                 lagged.push(step - 1, remote)
                 if model.stop_evaluating:
                     break
             coordinator.join()
             lagged.drain()
-            last_logs = lagged.last_logs if lagged.last_logs is not None else (remotes[-1].fetch()[1] if remotes else None)
+            last_logs = lagged.last_logs if lagged.last_logs is not None else (remote.fetch()[1] if remote else None)
         else:
             self._evaluate_dataset(callbacks)
             last_logs = model.get_metrics_result()
@@ -1498,7 +1526,8 @@ def _evaluate(model: keras.Model, *, x: Any, y: Any, batch_size: Any, verbose: A
         logs = evaluator.evaluate(callback_list, level)
         return logs if return_dict else compat.flatten_metrics_in_order(model, logs)
 
-    return _translating(progress, run)
+    with _collecting_garbage():
+        return _translating(progress, run)
 
 
 # =============================================================================================
@@ -1508,7 +1537,8 @@ def _evaluate(model: keras.Model, *, x: Any, y: Any, batch_size: Any, verbose: A
 
 def _predict(model: keras.Model, *, x: Any, batch_size: Any, verbose: Any, steps: Any, callbacks: Any) -> Any:
     progress = _Progress()
-    return _translating(progress, lambda: _predict_loop(model, x, batch_size, verbose, steps, callbacks))
+    with _collecting_garbage():
+        return _translating(progress, lambda: _predict_loop(model, x, batch_size, verbose, steps, callbacks))
 
 
 def _predict_loop(model: keras.Model, x: Any, batch_size: Any, verbose: Any, steps: Any, callbacks: Any) -> Any:

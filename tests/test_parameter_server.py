@@ -191,6 +191,16 @@ def test_iterations_and_metrics_count_every_step(core):
 
 
 @pytest.mark.multiprocess
+def test_confusion_matrix_metrics_count_every_example(core):
+    """P2: Precision/Recall/AUC-style metrics accumulate with v.assign(v + delta)."""
+    ps, local = core["confusion"]["ps"], core["confusion"]["local"]
+    assert ps["tp"] + ps["fp"] + ps["tn"] + ps["fn"] == 200.0
+    for name in ("tp", "fp", "tn", "fn"):
+        assert ps[name] == local[name]
+    assert ps["auc"] == pytest.approx(local["auc"], abs=1e-6)
+
+
+@pytest.mark.multiprocess
 def test_history_has_keras_keys_plus_applied_steps(core):
     history = core["fit"]["history"]
     assert set(history) == {"loss", "accuracy", "val_loss", "val_accuracy", "applied_steps"}

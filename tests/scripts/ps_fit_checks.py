@@ -180,6 +180,25 @@ def core():
         "seen_delta": (np.array(seen(model)) - before).tolist(),
         "applied_steps": history.history["applied_steps"],
     }
+    # Confusion-matrix metrics accumulate with v.assign(v + delta) (P2 makes that atomic too):
+    # 50 closures of 4 examples on 2 workers must count every example once.
+    with tfpar.scope(strategy):
+        keras.utils.set_random_seed(4)
+        binary = keras.Sequential([keras.Input((9,)), keras.layers.Dense(1, activation="sigmoid")])
+        binary.compile(optimizer="sgd", loss="binary_crossentropy", metrics=[
+            keras.metrics.TruePositives(name="tp"), keras.metrics.FalsePositives(name="fp"),
+            keras.metrics.TrueNegatives(name="tn"), keras.metrics.FalseNegatives(name="fn"),
+            keras.metrics.AUC(name="auc")])
+    binary_local = keras.Sequential([keras.Input((9,)), keras.layers.Dense(1, activation="sigmoid")])
+    binary_local.compile(optimizer="sgd", loss="binary_crossentropy", metrics=[
+        keras.metrics.TruePositives(name="tp"), keras.metrics.FalsePositives(name="fp"),
+        keras.metrics.TrueNegatives(name="tn"), keras.metrics.FalseNegatives(name="fn"),
+        keras.metrics.AUC(name="auc")])
+    binary_local.set_weights(binary.get_weights())
+    RESULT["confusion"] = {
+        "ps": binary.evaluate(x, y, batch_size=4, verbose=0, return_dict=True),
+        "local": binary_local.evaluate(x, y, batch_size=4, verbose=0, return_dict=True),
+    }
     # class_weight on arrays: a zero weight for class 1 makes its examples contribute nothing.
     compile_model(model)
     weights_before = [w.copy() for w in model.get_weights()]

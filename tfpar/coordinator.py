@@ -206,7 +206,7 @@ def options(strategy: tf.distribute.Strategy) -> ParameterServerOptions:
 
 
 def parameter_server_strategy(
-    cluster: Any = "tf_config",
+    cluster: str | Mapping[str, Any] | tf.distribute.cluster_resolver.ClusterResolver | tf.train.ClusterSpec = "tf_config",
     *,
     variable_partitioner: str | int | Callable[..., Any] | None = None,
     min_shard_bytes: int = DEFAULT_MIN_SHARD_BYTES,
@@ -256,7 +256,7 @@ def parameter_server_strategy(
     >>> strategy = tfpar.coordinator.parameter_server_strategy(
     ...     tfpar.local_cluster(workers=2, ps=2), variable_partitioner="min_size", staleness=1)
     >>> with tfpar.scope(strategy):
-    ...     model = keras.Sequential([keras.Input((4,), dtype="int32"), keras.layers.Embedding(10**6, 64)])
+    ...     model = keras.Sequential([keras.Input((4,), dtype="int32"), keras.layers.Embedding(100_000, 64)])
     """
     if staleness is not None and (isinstance(staleness, bool) or not isinstance(staleness, numbers.Integral)):
         raise TypeError(

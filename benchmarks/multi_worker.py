@@ -141,10 +141,16 @@ def _run_variant(variant: str, args: argparse.Namespace, workdir: Path) -> float
             subprocess.Popen(child(i), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             for i in range(args.workers)
         ]
-        for process in processes:
-            _, err = process.communicate(timeout=args.timeout)
-            if process.returncode:
-                raise RuntimeError(f"limit worker failed:\n{err.decode()[-3000:]}")
+        try:
+            for process in processes:
+                _, err = process.communicate(timeout=args.timeout)
+                if process.returncode:
+                    raise RuntimeError(f"limit worker failed:\n{err.decode()[-3000:]}")
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait(timeout=30)
     else:
         from tfpar import launch
 

@@ -54,7 +54,11 @@ def test_train_model_parallel(tmp_path):
     assert "| 1     | /device:CPU:1 |" in result.stdout  # the plan table: stage 1 on the second device
     assert "replicas        1 (model split over 2 devices)" in result.stdout
     bad = _tfpar("train", "--model-parallel", "2", "--strategy", "mirrored", timeout=120)
-    assert bad.returncode == 2 and "cannot be combined with --strategy mirrored" in bad.stderr
+    assert bad.returncode == 2 and "cannot be combined with --strategy mirrored (valid: auto, default)" in bad.stderr
+    lonely = _tfpar("train", "--microbatches", "4", timeout=120)
+    assert lonely.returncode == 2 and "add --model-parallel K" in lonely.stderr
+    ignored = _tfpar("train", "--strategy", "one_device", "--devices", "2", timeout=120)
+    assert ignored.returncode == 2 and "--strategy one_device does not take it" in ignored.stderr
 
 
 def test_plan_command(tmp_path):
@@ -63,6 +67,8 @@ def test_plan_command(tmp_path):
     assert "4 stages, balance='params'" in result.stdout and "fc1" in result.stdout
     over = _tfpar("plan", "alexnet", "--devices", "2", "--memory-limit", "100MB", timeout=300)
     assert over.returncode == 1 and "over by" in over.stderr
+    too_many = _tfpar("plan", "alexnet", "--devices", "50", timeout=300)
+    assert too_many.returncode == 2 and "tfpar plan: error:" in too_many.stderr
     bad = _tfpar("plan", "alexnet", "--devices", "2", "--memory-limit", "lots", timeout=120)
     assert bad.returncode == 2 and "expected a size such as 16GB" in bad.stderr
 
@@ -101,7 +107,7 @@ def test_train_below_min_accuracy_exits_1(tmp_path):
         (["train", "--strategy", "mirrord"], "invalid choice: 'mirrord' (choose from 'auto'"),
         (["train", "--epochs", "0"], "expected a positive integer, received '0'"),
         (["train", "--mixed-precision", "fp8"], "choose from 'mixed_float16', 'mixed_bfloat16'"),
-        (["fly"], "invalid choice: 'fly' (choose from 'train', 'launch', 'doctor'"),
+        (["fly"], "invalid choice: 'fly' (choose from 'train', 'plan', 'launch', 'doctor'"),
         ([], "the following arguments are required: COMMAND"),
     ],
 )

@@ -83,6 +83,13 @@ def test_shuffled_epochs_cover_every_example_once(tmp_path):
     assert worker0["iterations"] == 12  # 4 steps per epoch, steps_per_execution=3 included
 
 
+def test_unseeded_shuffle_is_agreed_between_workers(tmp_path):
+    """Without keras.utils.set_random_seed the workers agree on a random seed at the start of fit."""
+    code, log = _run_cluster(tmp_path, "101", "--shuffle", "--no-seed", "--epochs", "2")
+    assert code == 0, log[-4000:]
+    assert _load(tmp_path, "worker0")["seen"] == _load(tmp_path, "worker1")["seen"] == [2.0] * 101
+
+
 def test_upstream_keras_fit_fails_under_multi_worker(tmp_path):
     code, log = _run_cluster(tmp_path, "64", "--upstream", timeout=180)
     assert code != 0

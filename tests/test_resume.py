@@ -77,3 +77,15 @@ def test_upstream_replays_the_interrupted_epoch(tmp_path):
     assert interrupted is None
     resumed = _fit(tmp_path / "backup", strategy="default")
     assert int(resumed.optimizer.iterations.numpy()) == int(reference.optimizer.iterations.numpy()) + 2
+
+
+def test_models_tfpar_does_not_manage_keep_upstream_backup_behaviour(tmp_path):
+    """tfpar's BackupAndRestore hooks act on models of tfpar strategies only."""
+    tfpar.get_strategy("mirrored", devices=["cpu:0", "cpu:1"])  # installs the interceptions
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    callback = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"), save_freq=1, delete_checkpoint=False)
+    model.fit(np.ones((8, 2)), np.ones((8, 1)), batch_size=4, epochs=2, verbose=0, callbacks=[callback])
+    metadata = json.loads((tmp_path / "backup" / "training_metadata.json").read_text())
+    assert "tfpar_steps_done" not in metadata
+    assert metadata == {"epoch": 1, "batch": 1}  # upstream's own record, untouched

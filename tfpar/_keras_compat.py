@@ -94,6 +94,8 @@ import functools
 import inspect
 import json
 import os
+import random
+import signal
 import sys
 import threading
 import warnings
@@ -253,7 +255,7 @@ def _install() -> None:
         missing = [f"{owner.__name__}.{name}" for owner, name, _ in targets if not hasattr(owner, name)]
         if missing:
             raise RuntimeError(
-                f"tfpar {__package__} cannot install its Keras fixes: this Keras "
+                f"tfpar cannot install its Keras fixes: this Keras "
                 f"({keras.__version__}) has no {', '.join(missing)}. tfpar was verified on "
                 f"Keras {VERIFIED_VERSIONS['keras']} / TensorFlow {VERIFIED_VERSIONS['tensorflow']}; "
                 "install a Keras 3 release in that line (pip install 'keras>=3.5,<4')."
@@ -422,9 +424,11 @@ def _make_function(self: Any, step_function: Callable[[Any], Any]) -> Callable[[
     if training and strategy.num_replicas_in_sync > 1:
         _warn_unsynchronized_batchnorm(self, strategy)
         step_function = _exact_train_step(step_function, _needs_weighted_loss(self))
-    if self.steps_per_execution == 1:
+    if self.steps_per_execution == 1 or strategy.num_replicas_in_sync == 1:
         function = _UPSTREAM["TensorFlowTrainer._make_function"](self, step_function)
     else:
+        # Multi-replica only (upstream fails there); the per-step function is inlined, so XLA
+        # (jit_compile) is not applied to it.
         function = _multi_step_function(self, step_function, strategy)
     return _skipping(self, function) if training else function
 
@@ -527,20 +531,31 @@ _SHARED_SHUFFLE = threading.local()
 def _shuffle_seed(strategy: Any) -> int:
     """The shuffle seed of a fit: the same on every worker, and reproducible when seeded.
 
-    Multi-worker: derived from the cluster's shape (job names and task counts, not addresses, so a
-    restarted cluster on new ports agrees) and the seed given to keras.utils.set_random_seed.
-    One host: that seed, or a random one.
+    With keras.utils.set_random_seed: derived from that seed (and, multi-worker, the cluster's
+    shape). Otherwise random: on several workers, the sum of one random number per worker,
+    all-reduced at the start of fit (every worker calls fit, so the collective is matched).
     """
     from keras.src.utils import rng_utils
 
     user_seed = rng_utils.get_random_seed()
-    if _in_multi_worker_mode(strategy):
+    multi_worker = _in_multi_worker_mode(strategy)
+    if user_seed is not None:
+        if not multi_worker:
+            return int(user_seed) & 0x7FFFFFFF
         spec = strategy.cluster_resolver.cluster_spec().as_dict()
         shape = json.dumps({job: len(tasks) for job, tasks in spec.items()}, sort_keys=True)
-        return (zlib.crc32(shape.encode()) ^ int(user_seed or 0)) & 0x7FFFFFFF
-    if user_seed is not None:
-        return int(user_seed) & 0x7FFFFFFF
-    return int(np.random.randint(0, 2**31 - 1))
+        return (zlib.crc32(shape.encode()) ^ int(user_seed)) & 0x7FFFFFFF
+    draw = float(random.SystemRandom().getrandbits(20))
+    if not multi_worker:
+        return int(draw)
+
+    def agree() -> tf.Tensor:
+        return tf.distribute.get_replica_context().all_reduce(
+            tf.distribute.ReduceOp.SUM, tf.constant(draw, tf.float64)
+        )
+
+    total = strategy.experimental_local_results(strategy.run(agree))[0]
+    return int(total.numpy()) & 0x7FFFFFFF
 
 
 def _epoch_iterator_init(self: Any, distribute_strategy: Any = None, *args: Any, **kwargs: Any) -> None:
@@ -554,13 +569,13 @@ def _epoch_iterator_init(self: Any, distribute_strategy: Any = None, *args: Any,
     # dataset is distributed: OFF on one worker (no-op warnings), FILE or DATA for several, and a
     # clear refusal for DATA sharding of a randomly ordered dataset (workers would overlap,
     # tensorflow/tensorflow#56513) or FILE sharding with fewer files than workers (#35878).
-    _SHARED_SHUFFLE.active = True
+    EpochIterator.__init__(self, *args, **kwargs)
+    self._distribute_strategy = distribute_strategy
+    _SHARED_SHUFFLE.active = True  # the array adapter builds its dataset in get_tf_dataset()
     try:
-        EpochIterator.__init__(self, *args, **kwargs)
+        dataset = self.data_adapter.get_tf_dataset()
     finally:
         _SHARED_SHUFFLE.active = False
-    self._distribute_strategy = distribute_strategy
-    dataset = self.data_adapter.get_tf_dataset()
     if not isinstance(dataset, tf.distribute.DistributedDataset):
         workers = distribute_strategy.num_replicas_in_sync // max(
             1, len(distribute_strategy.extended.worker_devices)
@@ -788,13 +803,15 @@ def _backup_on_train_begin(self: Any, logs: Any = None) -> None:
         resume(self.model, int(metadata["epoch"]), int(metadata["tfpar_steps_done"]), metadata.get("tfpar_seed"))
         self._current_epoch = int(metadata["epoch"])
         self._last_batch_seen = int(metadata["batch"])
+    self._tfpar_previous_sigterm = signal.getsignal(signal.SIGTERM)
     self._tfpar_preemption = _preemption_handler(self)
 
 
 def _backup_on_epoch_begin(self: Any, epoch: int, logs: Any = None) -> None:
     # Upstream only updates _current_epoch at epoch end, so a mid-epoch save in the first epoch of
     # a resumed run records epoch 0 and a second restart starts over.
-    self._current_epoch = epoch
+    if _managed_model(self):
+        self._current_epoch = epoch
 
 
 def _backup_on_train_batch_end(self: Any, batch: int, logs: Any = None) -> None:
@@ -838,8 +855,10 @@ def _backup_save_model(self: Any) -> None:
 
 
 def _backup_on_train_end(self: Any, logs: Any = None) -> None:
-    handler = getattr(self, "_tfpar_preemption", None)
-    if handler is not None:
+    if getattr(self, "_tfpar_preemption", None) is not None:
+        # The handler took over SIGTERM for this fit; give it back (its peer-watcher thread is a
+        # daemon blocked on the coordination service and ends with the process).
+        signal.signal(signal.SIGTERM, self._tfpar_previous_sigterm)
         self._tfpar_preemption = None
     if _managed_model(self) and _non_chief_worker(self.model):
         return  # only the chief removes the backup directory
@@ -919,7 +938,7 @@ def _empty_safe(upstream_key: str) -> Callable[..., Any]:
     return call
 
 
-# === 10. BatchNormalization under data parallelism ===# === 7. BatchNormalization under data parallelism ===
+# === 10. BatchNormalization under data parallelism ===
 
 
 def _batchnorm_layers(model: Any) -> list[Any]:

@@ -151,31 +151,55 @@ def _configure_devices(requested: int | None) -> None:
     devices.configure_virtual_devices(requested or DEFAULT_VIRTUAL_DEVICES, "CPU")
 
 
+_DEVICE_STRATEGIES = ("auto", "mirrored", "central_storage")
+
+
+def _usage_error(message: str) -> int:
+    print(f"tfpar train: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _check_train_arguments(args: argparse.Namespace) -> str | None:
+    """Combinations argparse cannot check; returns the error message, or None."""
+    if args.model_parallel and args.strategy not in ("auto", "default"):
+        return (
+            "--model-parallel splits one model replica over devices and runs under the 'default' "
+            f"strategy; it cannot be combined with --strategy {args.strategy} (valid: auto, default)"
+        )
+    if args.microbatches != 1 and not args.model_parallel:
+        return "--microbatches applies to a split model: add --model-parallel K"
+    if args.devices is not None and not args.model_parallel and args.strategy not in _DEVICE_STRATEGIES:
+        return (
+            f"--devices sets the replicas of a one-host strategy ({', '.join(_DEVICE_STRATEGIES)}); "
+            f"--strategy {args.strategy} does not take it"
+        )
+    return None
+
+
 def _strategy_options(args: argparse.Namespace) -> dict[str, object]:
-    if args.model_parallel or args.devices is None or args.strategy not in ("auto", "mirrored", "central_storage"):
+    if args.model_parallel or args.devices is None or args.strategy not in _DEVICE_STRATEGIES:
         return {}
     available = devices.default_replica_devices()
     if args.devices > len(available):
-        raise SystemExit(
-            f"tfpar train: error: --devices {args.devices} but this host has {len(available)} "
-            f"devices: {', '.join(available)}"
+        raise ValueError(
+            f"--devices {args.devices}, but this host has {len(available)} devices: {', '.join(available)}"
         )
     return {"devices": available[: args.devices]}
 
 
 def _train(args: argparse.Namespace) -> int:
-    if args.model_parallel and args.strategy not in ("auto", "default"):
-        print(
-            f"tfpar train: error: --model-parallel splits one model replica over devices and runs "
-            f"under the 'default' strategy; it cannot be combined with --strategy {args.strategy}",
-            file=sys.stderr,
-        )
-        return 2
+    problem = _check_train_arguments(args)
+    if problem:
+        return _usage_error(problem)
     _configure_devices(args.devices or args.model_parallel)
+    try:
+        options = _strategy_options(args)
+    except ValueError as error:
+        return _usage_error(str(error))
     config = job.TrainConfig(
         model=args.model,
         strategy=args.strategy,
-        strategy_options=_strategy_options(args),
+        strategy_options=options,
         epochs=args.epochs,
         batch_size=args.batch_size,
         learning_rate=args.lr,
@@ -265,7 +289,8 @@ def _plan(args: argparse.Namespace) -> int:
         )
     except ValueError as error:
         print(f"tfpar plan: error: {error}", file=sys.stderr)
-        return 1
+        # An infeasible memory limit is a result (1); anything else is a bad argument (2).
+        return 1 if "memory_limits" in str(error) else 2
     print(plan.summary())
     return 0
 

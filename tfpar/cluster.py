@@ -46,7 +46,6 @@ from typing import Any
 
 import tensorflow as tf
 
-from tfpar import devices as _devices  # noqa: F401  (import direction: cluster may use devices)
 
 __all__ = [
     "ClusterInfo",

@@ -207,8 +207,8 @@ def configure_virtual_devices(
     else:
         configs = [tf.config.LogicalDeviceConfiguration() for _ in range(n)]
     current = tf.config.get_logical_device_configuration(physical[0])
-    if current is not None and len(current) == n:
-        return _names(kind, n, len(physical))
+    if (current is not None and len(current) == n) or (current is None and n == 1 and kind == "CPU"):
+        return _names(kind, n, len(physical))  # already so (an unsplit CPU is one device)
     try:
         tf.config.set_logical_device_configuration(physical[0], configs)
     except RuntimeError as error:
@@ -228,7 +228,12 @@ def _names(kind: str, n: int, physical_count: int) -> list[str]:
 
 
 def _check_type(device_type: str) -> str:
-    if not isinstance(device_type, str) or device_type.upper() not in DEVICE_TYPES:
+    if not isinstance(device_type, str):
+        raise TypeError(
+            f"Expected device_type to be a str, one of {list(DEVICE_TYPES)}. "
+            f"Received: device_type={device_type!r} (of type {type(device_type).__name__})"
+        )
+    if device_type.upper() not in DEVICE_TYPES:
         raise ValueError(
             f"Expected device_type to be one of {list(DEVICE_TYPES)}. "
             f"Received: device_type={device_type!r}"

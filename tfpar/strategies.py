@@ -209,14 +209,12 @@ def get_strategy(
     2
     """
     if isinstance(strategy, tf.distribute.Strategy):
-        if strategy is _default_strategy():
-            return strategy
         if options:
             raise TypeError(
                 "Options apply only when a strategy name is given; this strategy is already "
                 f"built. Received: options={sorted(options)} with strategy={strategy!r}"
             )
-        return _keras_compat.manage(strategy)
+        return strategy if strategy is _default_strategy() else _keras_compat.manage(strategy)
     spec = _lookup(strategy)
     for scope_only in ("mixed_precision", "sync_batchnorm"):
         if scope_only in options:
@@ -290,6 +288,14 @@ def scope(
         )
     if not isinstance(sync_batchnorm, bool):
         raise TypeError(f"Expected sync_batchnorm to be a bool. Received: sync_batchnorm={sync_batchnorm!r}")
+    if isinstance(strategy, str) and tf.distribute.has_strategy():
+        # Before the factory runs: creating a strategy has side effects (multi_worker configures
+        # the process's collective runtime for good).
+        raise RuntimeError(
+            f"Cannot open tfpar.scope({strategy!r}) inside the scope of another strategy "
+            f"({type(tf.distribute.get_strategy()).__name__}). Close the outer scope first; a model "
+            "belongs to the strategy it was built under."
+        )
     resolved = get_strategy(strategy, **options)
     outer = tf.distribute.get_strategy() if tf.distribute.has_strategy() else None
     if outer is not None and outer is not resolved:

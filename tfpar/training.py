@@ -9,6 +9,7 @@ first epochs; for adaptive optimizers a square-root rule is common.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from typing import Any
 
@@ -109,7 +110,12 @@ def scale_learning_rate(
     """
     if rule not in LR_SCALING_RULES:
         raise ValueError(f"Expected rule to be one of {list(LR_SCALING_RULES)}. Received: rule={rule!r}")
-    if not isinstance(base_learning_rate, (int, float)) or base_learning_rate <= 0:
+    if isinstance(base_learning_rate, bool) or not isinstance(base_learning_rate, numbers.Real):
+        raise TypeError(
+            "Expected base_learning_rate to be a number. "
+            f"Received: base_learning_rate={base_learning_rate!r} (of type {type(base_learning_rate).__name__})"
+        )
+    if base_learning_rate <= 0:
         raise ValueError(
             f"Expected base_learning_rate to be a positive number. Received: base_learning_rate={base_learning_rate!r}"
         )
@@ -202,6 +208,7 @@ class Throughput(keras.callbacks.Callback):
         self._skip = 0
         self._start: float | None = None
         self._first_step = self._last_step = -1
+        self._last_time = 0.0
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._skip = self.skip_first_steps if self._epoch == 0 else 0
@@ -210,13 +217,16 @@ class Throughput(keras.callbacks.Callback):
         self._start = time.perf_counter() if self._skip == 0 else None
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        self._last_step = batch
+        now = time.perf_counter()
+        self._last_step, self._last_time = batch, now
         if self._start is None and batch + 1 >= self._skip:
-            self._first_step, self._start = batch, time.perf_counter()
+            self._first_step, self._start = batch, now
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        # Timed up to the last training step: validation (which runs before on_epoch_end) and
+        # callbacks after it do not count.
         self._epoch += 1
         steps = self._last_step - self._first_step
         if logs is not None and self._start is not None and steps > 0:
-            elapsed = time.perf_counter() - self._start
+            elapsed = self._last_time - self._start
             logs["samples_per_second"] = steps * self.global_batch_size / elapsed

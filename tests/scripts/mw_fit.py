@@ -27,6 +27,7 @@ parser.add_argument("--strategy", default="auto")
 parser.add_argument("--spe", type=int, default=1)
 parser.add_argument("--epochs", type=int, default=2)
 parser.add_argument("--upstream", action="store_true", help="a plain MultiWorkerMirroredStrategy, no tfpar")
+parser.add_argument("--no-seed", action="store_true", help="do not call keras.utils.set_random_seed")
 parser.add_argument("--tfdata", choices=["seeded", "unseeded"], help="fit a shuffled tf.data.Dataset instead of arrays")
 args = parser.parse_args()
 
@@ -53,7 +54,7 @@ rng = np.random.default_rng(0)
 x = np.concatenate([np.arange(args.n)[:, None], rng.normal(size=(args.n, 8))], axis=1).astype("float32")
 y = rng.integers(0, 3, args.n)
 with strategy.scope():
-    if args.tfdata != "unseeded":  # a global seed would make the "unseeded" shuffle deterministic
+    if args.tfdata != "unseeded" and not args.no_seed:  # a global seed makes shuffles deterministic
         keras.utils.set_random_seed(7)
     model = keras.Sequential(
         [keras.Input((9,)), CountSeen(), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(3)]

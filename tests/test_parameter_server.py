@@ -1,5 +1,5 @@
 """Keras 3 fit / evaluate / predict under tfpar's parameter_server strategy (tfpar/coordinator.py
-and interceptions P1-P4 in tfpar/_keras_compat_ps.py).
+and interceptions 11-14 in tfpar/_keras_compat.py).
 
 * Argument checks run here (they happen before any TensorFlow side effect).
 * In-process clusters (tfpar.local_cluster) run in a child process per scenario
@@ -181,7 +181,7 @@ def test_fit_on_arrays_trains_every_example_exactly_once_per_epoch(core):
 
 @pytest.mark.multiprocess
 def test_iterations_and_metrics_count_every_step(core):
-    """P2: without atomic assign_add, 2 workers lose optimizer steps and metric counts."""
+    """Interception 12: without atomic assign_add, 2 workers lose optimizer steps and metric counts."""
     fit, spe = core["fit"], core["spe"]
     assert fit["iterations"] == 3 * fit["steps_per_epoch"] == 30
     assert fit["history"]["applied_steps"] == [10.0, 10.0, 10.0]
@@ -192,7 +192,7 @@ def test_iterations_and_metrics_count_every_step(core):
 
 @pytest.mark.multiprocess
 def test_confusion_matrix_metrics_count_every_example(core):
-    """P2: Precision/Recall/AUC-style metrics accumulate with v.assign(v + delta)."""
+    """Interception 12: Precision/Recall/AUC-style metrics accumulate with v.assign(v + delta)."""
     ps, local = core["confusion"]["ps"], core["confusion"]["local"]
     assert ps["tp"] + ps["fp"] + ps["tn"] + ps["fn"] == 200.0
     for name in ("tp", "fp", "tn", "fn"):
@@ -331,7 +331,7 @@ def test_fixed_shards_partitioner_shards_every_variable(partition):
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("name", ["min_size", "fixed3"])
 def test_sharded_training_equals_training_in_one_process(partition, name):
-    """P3: gradients joined over shards, sharded slots and shard-wise updates are exact."""
+    """Interception 13: gradients joined over shards, sharded slots and shard-wise updates are exact."""
     result = partition[name]
     assert result["moved"] > 0.01
     assert result["max_diff_from_one_process"] <= 1e-5
@@ -417,7 +417,7 @@ def test_a_hand_made_strategy_handed_to_tfpar_trains(errors):
 
 @pytest.mark.multiprocess
 def test_upstream_keras_fit_fails_under_parameter_server(errors):
-    """P1: what a ParameterServerStrategy tfpar does not manage still does (keras-team/keras#18624)."""
+    """Interception 11: what a ParameterServerStrategy tfpar does not manage still does (keras-team/keras#18624)."""
     assert errors["upstream_fit"] == [
         "ValueError",
         "To use this dataset, you need to pass this dataset to ClusterCoordinator.create_per_worker_dataset.",
@@ -495,7 +495,7 @@ def test_worker_killed_mid_training_loses_no_steps(tmp_path):
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_the_coordinator_exits_after_a_worker_was_lost(tmp_path):
-    """P4: without tfpar's exit hook this process deadlocks in ClusterCoordinator.__del__."""
+    """Interception 14: without tfpar's exit hook this process deadlocks in ClusterCoordinator.__del__."""
     sentinel, buffer, outcome = tmp_path / "restarted", io.StringIO(), {}
 
     def run() -> None:

@@ -155,10 +155,9 @@ def test_malformed_tf_config_is_a_clear_error(monkeypatch):
         tfpar.get_strategy("multi_worker")
 
 
-@pytest.mark.parametrize("name", ["parameter_server", "ps"])
-def test_unfinished_strategies_fail_clearly(name):
-    with pytest.raises(RuntimeError, match="not available in tfpar .* yet.*Use 'mirrored'"):
-        tfpar.get_strategy(name)
+def test_parameter_server_options_are_validated_before_connecting():
+    with pytest.raises(TypeError, match=r"'parameter_server' does not take option\(s\) \['stalenes'\]"):
+        tfpar.get_strategy("ps", stalenes=1)
 
 
 def test_register_override_and_unregister(registry_snapshot):

@@ -27,6 +27,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "scope": ("tfpar.strategies", "scope"),
     "local_cluster": ("tfpar.cluster", "local_cluster"),
     "cluster": ("tfpar.cluster", None),
+    "coordinator": ("tfpar.coordinator", None),
     "data": ("tfpar.data", None),
     "datasets": ("tfpar.datasets", None),
     "devices": ("tfpar.devices", None),

@@ -69,7 +69,7 @@ execution:
   ``evaluate``, as in tf-keras's parameter-server mode.
 * ``steps_per_execution=s`` (``model.compile``) schedules ``s`` steps per closure.
 
-Correctness under concurrent workers (``tfpar/_keras_compat_ps.py``, P2): the step counter
+Correctness under concurrent workers (``tfpar/_keras_compat.py``, interception 12): the step counter
 (``optimizer.iterations``) and the metric accumulators are updated atomically on the parameter
 servers, so 40 scheduled steps apply 40 updates and the metrics count every example. Model
 weights and optimizer slots get asynchronous, lock-free updates (as in TensorFlow's
@@ -115,7 +115,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfpar import _keras_compat_ps as compat
+from tfpar import _keras_compat as compat
 from tfpar import cluster as cluster_lib
 
 __all__ = [
@@ -302,9 +302,7 @@ def parameter_server_strategy(
     _OPTIONS[strategy] = ParameterServerOptions(
         staleness=None if staleness is None else int(staleness), variable_partitioner=partitioner
     )
-    _install()
-    compat.track(strategy)
-    return strategy
+    return compat.manage(strategy)  # tfpar's fixes (and routing of fit) apply to its models
 
 
 def _check_partitioner(value: Any) -> None:
@@ -338,7 +336,7 @@ def _make_partitioner(value: Any, min_shard_bytes: int, num_ps: int) -> Any:
 
 
 def _install() -> None:
-    compat.install(fit=_fit, evaluate=_evaluate, predict=_predict)
+    compat.install_parameter_server(fit=_fit, evaluate=_evaluate, predict=_predict)
 
 
 def _enable(strategy: tf.distribute.ParameterServerStrategy) -> None:

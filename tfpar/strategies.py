@@ -487,20 +487,21 @@ def _multi_worker(
         ) from error
 
 
-def _not_yet(name: str, issue: str) -> Callable[..., tf.distribute.Strategy]:
-    def factory(**options: Any) -> tf.distribute.Strategy:
-        raise RuntimeError(
-            f"Strategy {name!r} is registered but not available in tfpar "
-            f"{_version()} yet: {issue} Use 'mirrored' on one host meanwhile."
-        )
+def _parameter_server(
+    cluster: Any = "tf_config",
+    *,
+    variable_partitioner: Any = None,
+    min_shard_bytes: int = 256 << 10,
+    staleness: int | None = None,
+) -> tf.distribute.Strategy:
+    from tfpar import coordinator  # lazy: the coordinator loop sits above the registry
 
-    return factory
-
-
-def _version() -> str:
-    from tfpar import version
-
-    return version.__version__
+    return coordinator.parameter_server_strategy(
+        cluster,
+        variable_partitioner=variable_partitioner,
+        min_shard_bytes=min_shard_bytes,
+        staleness=staleness,
+    )
 
 
 register_strategy("auto", _auto, description="mirrored when there are several devices, otherwise default")
@@ -521,10 +522,6 @@ register_strategy(
 )
 register_strategy(
     "parameter_server",
-    _not_yet(
-        "parameter_server",
-        "Keras 3 model.fit does not support ParameterServerStrategy (keras-team/keras#18624) and "
-        "tfpar's coordinator loop has not landed.",
-    ),
-    description="asynchronous training with parameter servers (ParameterServerStrategy)",
+    _parameter_server,
+    description="asynchronous training with parameter servers (staleness=k: semi-asynchronous)",
 )

@@ -12,7 +12,9 @@ Each repetition starts, for every variant in turn (interleaved), N processes at 
 
 Every process times its own steady-state steps (after warm-up), so process start-up is excluded;
 the variant's throughput is N x per-worker batch x timed steps / the slowest worker's time. Each
-process gets ``--threads`` intra- and inter-op threads. Median over ``--repeats``.
+process gets ``--threads`` intra- and inter-op threads. Median over ``--repeats``. All variants
+read the same in-memory ``tf.data`` pipeline, batched with ``drop_remainder=True`` as the TF
+multi-worker tutorial does.
 
 Usage: python benchmarks/multi_worker.py [--workers 2] [--threads 1] [--repeats 5] [--quick]
 """
@@ -86,7 +88,7 @@ def _worker(args: argparse.Namespace) -> None:
                 if batch + 1 in (args.warmup, steps):
                     marks.append(time.perf_counter())
 
-        dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(per_worker * workers)
+        dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(per_worker * workers, drop_remainder=True)
         model.fit(dataset, epochs=1, verbose=0, callbacks=[Clock()])
     else:
         with strategy.scope():
@@ -94,7 +96,7 @@ def _worker(args: argparse.Namespace) -> None:
             optimizer = keras.optimizers.SGD(0.01)
         global_batch = per_worker * workers
         dataset = strategy.experimental_distribute_dataset(
-            tf.data.Dataset.from_tensor_slices((x, y)).batch(global_batch)
+            tf.data.Dataset.from_tensor_slices((x, y)).batch(global_batch, drop_remainder=True)
         )
 
         @tf.function

@@ -194,6 +194,27 @@ def test_cnn_with_empty_replicas_matches_single_device():
     assert _max_diff(reference, model) <= ATOL
     np.testing.assert_allclose(model.evaluate(x, y, batch_size=32, verbose=0), reference.evaluate(x, y, batch_size=32, verbose=0), rtol=1e-5)
     assert model.predict(x, batch_size=32, verbose=0).shape == (98, 4)
+    assert model._tfpar_empty_guard and reference.get_layer("conv1").__dict__.get("_tfpar_empty_guard") is None
+
+
+def test_cnn_empty_batch_guard_is_only_traced_in_when_needed():
+    """96 examples split evenly: no guard (it costs speed on CPU); a dataset with a partial
+    last batch of unknown size: guard, and a warning that says how to avoid it."""
+    import warnings
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(96, 64, 64, 3)).astype("float32")
+    y = rng.integers(0, 4, 96)
+    with tfpar.scope("mirrored"):
+        model = _cnn()
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    assert not getattr(model, "_tfpar_empty_guard", False)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(dataset, epochs=1, verbose=0)
+    assert model._tfpar_empty_guard
+    assert any("drop_remainder=True" in str(w.message) for w in caught)
 
 
 def test_upstream_cnn_crashes_on_empty_replicas():

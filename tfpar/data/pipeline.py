@@ -7,7 +7,7 @@
     cache (memory or file)                so later epochs read no files and decode nothing
     shuffle (seeded if asked)             after the cache, so every epoch has a new order
     augment_fn (parallel)                 random augmentation after the cache, never frozen in it
-    batch (parallel)                      by the global size, or per replica under distribute()
+    batch                                 by the global size, or per replica under distribute()
     prefetch (AUTOTUNE)                   overlap input with the training step
 
 Reading files in parallel (``interleave`` with AUTOTUNE) is done by :mod:`tfpar.data.readers`.

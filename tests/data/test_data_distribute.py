@@ -40,6 +40,24 @@ def test_each_replica_gets_its_own_full_batch(mirrored):
     ]
 
 
+def test_seeded_augmentation_under_distribute(mirrored):
+    def augment(x, seed):
+        return x * 1000 + tf.random.stateless_uniform([], seed, maxval=1000, dtype=tf.int64)
+
+    def epoch(distributed):
+        return sorted(v for step in _per_replica(mirrored, distributed) for b in step for v in b)
+
+    def build():
+        return td.distribute(mirrored, tf.data.Dataset.range(32), 8, shuffle=32, seed=5,
+                             augment_fn=augment)
+
+    distributed = build()
+    first, second = epoch(distributed), epoch(distributed)
+    assert [v // 1000 for v in first] == list(range(32)) == [v // 1000 for v in second]
+    assert first != second  # new draws every epoch
+    assert epoch(build()) == first  # reproducible from the seed
+
+
 def test_keep_remainder_sees_every_example_once(mirrored):
     dataset = td.distribute(mirrored, tf.data.Dataset.range(70), 16, drop_remainder=False)
     flat = [v for step in _per_replica(mirrored, dataset) for batch in step for v in batch]

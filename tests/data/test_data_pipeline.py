@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -126,3 +127,55 @@ def test_caching_an_infinite_dataset_is_refused():
     with pytest.raises(ValueError, match="before .repeat"):
         td.pipeline(tf.data.Dataset.range(4).repeat())
     assert td.pipeline(tf.data.Dataset.range(4).repeat(), cache=False).take(9).cardinality() == 9
+
+
+def _zeros(count=12):
+    return tf.data.Dataset.from_tensor_slices((np.zeros((count, 4, 4, 3), np.float32), np.arange(count)))
+
+
+def _brightness_draws(dataset):
+    """Each example's brightness shift (all its pixels share it), in label order."""
+    pairs = [(int(y), float(x[0, 0, 0])) for xs, ys in dataset.as_numpy_iterator() for x, y in zip(xs, ys)]
+    return np.array([shift for _, shift in sorted(pairs)])
+
+
+def test_global_seed_replays_stateful_augmentation_every_epoch():
+    # The upstream behaviour the seeded augment_fn exists for: with a global seed, stateful random
+    # ops in a tf.data function restart from the same seed with every new iterator.
+    keras.utils.set_random_seed(0)
+    dataset = td.pipeline(_zeros(), batch_size=4, augment_fn=lambda x, y: (
+        tf.image.random_brightness(x, 50.0), y), deterministic=True)
+    assert np.allclose(_brightness_draws(dataset), _brightness_draws(dataset))
+
+
+def test_seeded_augment_fn_gets_new_per_example_seeds_every_epoch():
+    keras.utils.set_random_seed(0)
+
+    def augment(image, label, seed):
+        return tf.image.stateless_random_brightness(image, 50.0, seed), label
+
+    def build():
+        return td.pipeline(_zeros(), batch_size=4, shuffle=12, seed=3, augment_fn=augment,
+                           deterministic=True)
+
+    dataset = build()
+    assert dataset.cardinality() == 3
+    epoch1, epoch2 = _brightness_draws(dataset), _brightness_draws(dataset)
+    assert len(np.unique(epoch1.round(4))) == 12  # every example its own draw
+    assert np.abs(epoch1).max() <= 50.0
+    assert not np.allclose(epoch1, epoch2)  # new draws every epoch
+    again = build()  # reproducible from `seed`
+    np.testing.assert_array_equal(_brightness_draws(again), epoch1)
+    np.testing.assert_array_equal(_brightness_draws(again), epoch2)
+
+
+def test_seeded_augment_fn_of_single_tensor_elements():
+    seen = []
+
+    def augment(x, *, seed):
+        seen.append(seed.shape)
+        return x + tf.cast(seed[0] * 0, x.dtype)
+
+    dataset = td.pipeline(tf.data.Dataset.range(5), batch_size=5, augment_fn=augment)
+    assert next(iter(dataset)).numpy().tolist() == [0, 1, 2, 3, 4]
+    assert seen == [tf.TensorShape([2])]

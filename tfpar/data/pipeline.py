@@ -23,6 +23,7 @@ batch does not split evenly over the replicas.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import numbers
 from collections.abc import Callable
@@ -60,12 +61,18 @@ def pipeline(
         map_fn: Deterministic per-example preprocessing (decode, parse, resize), run in parallel
             before the cache, so it runs once.
         augment_fn: Random per-example augmentation, run in parallel after the cache and the
-            shuffle, so every epoch sees new augmentations.
+            shuffle, so every epoch sees new augmentations. If it takes a ``seed`` keyword
+            argument, tfpar passes every example its own seed for stateless random ops
+            (``tf.image.stateless_random_*``; a shape-[2] int64 tensor), new every epoch and
+            reproducible from `seed`. Prefer that when a global seed is set
+            (``keras.utils.set_random_seed``): TensorFlow then restarts *stateful* random ops
+            (``tf.image.random_*``) from the same seed every epoch, replaying the same draws.
         cache: True or ``"memory"`` caches in memory, a path string caches to files with that
             prefix, False caches nothing. The first epoch fills the cache; later epochs read
             neither files nor ``map_fn``.
         shuffle: Shuffle buffer size (examples), or None for no shuffle. Reshuffles every epoch.
-        seed: Seed for the shuffle. Required when ``deterministic=True`` and shuffling.
+        seed: Seed for the shuffle and for the per-example seeds of a seeded `augment_fn`.
+            Required when ``deterministic=True`` and shuffling.
         drop_remainder: Whether to drop a final batch smaller than `batch_size`.
         deterministic: True keeps the output order fixed run to run (for tests and DATA sharding
             downstream); False lets parallel steps after the cache emit elements as they finish.
@@ -93,7 +100,7 @@ def pipeline(
             "dataset with cache=" + repr(cache)
         )
     return _build(dataset, batch_size, None, map_fn, augment_fn, cache, shuffle, seed,
-                  drop_remainder, deterministic)
+                  drop_remainder, deterministic, augment_seed=seed)
 
 
 def distribute(
@@ -200,8 +207,10 @@ def distribute(
             "tfpar.data.distribute: input pipeline %d of %d, %d replica(s) x %d examples",
             context.input_pipeline_id, pipelines, replicas_here, per_replica,
         )
+        # Every input pipeline draws its own augmentation seeds (its examples differ).
+        augment_seed = None if seed is None else seed + 1_000_003 * context.input_pipeline_id
         return _build(local, per_replica * replicas_here, per_replica, map_fn, augment_fn,
-                      file_cache, shuffle, seed, drop_remainder, deterministic)
+                      file_cache, shuffle, seed, drop_remainder, deterministic, augment_seed)
 
     return strategy.distribute_datasets_from_function(dataset_fn)
 
@@ -246,6 +255,7 @@ def _build(
     seed: int | None,
     drop_remainder: bool,
     deterministic: bool,
+    augment_seed: int | None = None,
 ) -> tf.data.Dataset:
     if map_fn is not None:
         # Deterministic even in fast mode: the cache then holds the same order every run.
@@ -257,6 +267,13 @@ def _build(
     if shuffle is not None:
         dataset = dataset.shuffle(shuffle, seed=seed, reshuffle_each_iteration=True)
     if augment_fn is not None:
+        if _takes_seed(augment_fn):
+            # One stateless-RNG seed per example, new every epoch, reproducible from `seed`:
+            # stateful random ops restart from the same seed with every iterator once a global
+            # seed is set, which would replay the same augmentation every epoch.
+            seeds = tf.data.Dataset.random(seed=augment_seed, rerandomize_each_iteration=True)
+            dataset = tf.data.Dataset.zip(dataset, seeds.batch(2, drop_remainder=True))
+            augment_fn = _seeded(augment_fn)
         dataset = dataset.map(augment_fn, num_parallel_calls=tf.data.AUTOTUNE,
                               deterministic=deterministic)
     if batch_size is not None:
@@ -276,6 +293,28 @@ def _build(
         options.deterministic = True
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return dataset.with_options(options)
+
+
+def _takes_seed(fn: Callable[..., Any]) -> bool:
+    """Whether `fn` accepts a ``seed`` keyword argument."""
+    try:
+        parameter = inspect.signature(fn).parameters.get("seed")
+    except (TypeError, ValueError):  # builtins and some callables have no signature
+        return False
+    return parameter is not None and parameter.kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY
+    )
+
+
+def _seeded(augment_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Calls `augment_fn` on a zipped (example, seed) element the way ``map`` calls it on examples."""
+
+    def augment(example: Any, seed: tf.Tensor) -> Any:
+        if isinstance(example, tuple):
+            return augment_fn(*example, seed=seed)
+        return augment_fn(example, seed=seed)
+
+    return augment
 
 
 def _check_options(

@@ -139,15 +139,6 @@ def _brightness_draws(dataset):
     return np.array([shift for _, shift in sorted(pairs)])
 
 
-def test_global_seed_replays_stateful_augmentation_every_epoch():
-    # The upstream behaviour the seeded augment_fn exists for: with a global seed, stateful random
-    # ops in a tf.data function restart from the same seed with every new iterator.
-    keras.utils.set_random_seed(0)
-    dataset = td.pipeline(_zeros(), batch_size=4, augment_fn=lambda x, y: (
-        tf.image.random_brightness(x, 50.0), y), deterministic=True)
-    assert np.allclose(_brightness_draws(dataset), _brightness_draws(dataset))
-
-
 def test_seeded_augment_fn_gets_new_per_example_seeds_every_epoch():
     keras.utils.set_random_seed(0)
 

@@ -65,8 +65,8 @@ def pipeline(
             argument, tfpar passes every example its own seed for stateless random ops
             (``tf.image.stateless_random_*``; a shape-[2] int64 tensor), new every epoch and
             reproducible from `seed`. Prefer that when a global seed is set
-            (``keras.utils.set_random_seed``): TensorFlow then restarts *stateful* random ops
-            (``tf.image.random_*``) from the same seed every epoch, replaying the same draws.
+            (``keras.utils.set_random_seed``): TensorFlow can then restart *stateful* random
+            ops (``tf.image.random_*``) from the same seed every epoch, replaying the same draws.
         cache: True or ``"memory"`` caches in memory, a path string caches to files with that
             prefix, False caches nothing. The first epoch fills the cache; later epochs read
             neither files nor ``map_fn``.
@@ -269,8 +269,8 @@ def _build(
     if augment_fn is not None:
         if _takes_seed(augment_fn):
             # One stateless-RNG seed per example, new every epoch, reproducible from `seed`:
-            # stateful random ops restart from the same seed with every iterator once a global
-            # seed is set, which would replay the same augmentation every epoch.
+            # once a global seed is set, stateful random ops can restart from the same seed with
+            # every iterator and replay the same augmentation every epoch.
             seeds = tf.data.Dataset.random(seed=augment_seed, rerandomize_each_iteration=True)
             dataset = tf.data.Dataset.zip(dataset, seeds.batch(2, drop_remainder=True))
             augment_fn = _seeded(augment_fn)

@@ -3,7 +3,8 @@
 tf.data keeps every pipeline as a graph of dataset ops. ``tf.raw_ops.DatasetToGraphV2`` serializes
 that graph (the same serialization tf.data's own auto-shard rewrite starts from),
 ``tf.compat.v1.GraphDef`` parses it, and ``tf.raw_ops.DatasetFromGraph`` turns a piece of it back
-into a dataset. All three are public TensorFlow APIs; nothing here imports ``tensorflow.python``.
+into a dataset. All three are public TensorFlow APIs; nothing here imports a private TensorFlow
+module.
 
 Two questions decide how a dataset may be sharded, and this module answers both:
 

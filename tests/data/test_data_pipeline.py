@@ -63,11 +63,20 @@ def test_map_runs_once_and_augment_every_epoch():
     assert calls == {"map": 10, "augment": 30}
 
 
-def test_random_augmentation_is_not_frozen_in_the_cache():
+@pytest.mark.parametrize("form", ["stateful, no global seed", "seeded, global seed"])
+def test_random_augmentation_is_not_frozen_in_the_cache(form):
+    if form == "seeded, global seed":
+        keras.utils.set_random_seed(0)
+        augment = lambda x, seed: x + tf.random.stateless_uniform([], seed)  # noqa: E731
+    else:
+        # With a global seed (set by other tests) TensorFlow may restart stateful random ops
+        # from the same seed every epoch, which is what the seeded form exists for.
+        tf.random.set_seed(None)
+        augment = lambda x: x + tf.random.uniform([])  # noqa: E731
     dataset = td.pipeline(
         tf.data.Dataset.range(20),
         map_fn=lambda x: tf.cast(x, tf.float32),
-        augment_fn=lambda x: x + tf.random.uniform([]),
+        augment_fn=augment,
         deterministic=True,
     )
     epoch1, epoch2 = list(dataset.as_numpy_iterator()), list(dataset.as_numpy_iterator())

@@ -84,6 +84,7 @@ def _worker(args: argparse.Namespace) -> None:
 
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     marks: list[float] = []
+    cpu_marks: list[float] = []
 
     if args.variant in ("tfpar", "limit"):
         scope = tfpar.scope(strategy) if args.variant == "tfpar" else strategy.scope()
@@ -95,6 +96,7 @@ def _worker(args: argparse.Namespace) -> None:
             def on_train_batch_end(self, batch, logs=None):
                 if batch + 1 in (args.warmup, steps):
                     marks.append(time.perf_counter())
+                    cpu_marks.append(time.process_time())
 
         dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(per_worker * workers, drop_remainder=True)
         model.fit(dataset, epochs=1, verbose=0, callbacks=[Clock()])
@@ -127,13 +129,16 @@ def _worker(args: argparse.Namespace) -> None:
             if index + 1 in (args.warmup, steps):
                 _ = float(model.trainable_variables[0][0, 0, 0, 0].numpy())  # wait for the step
                 marks.append(time.perf_counter())
+                cpu_marks.append(time.process_time())
     index = json.loads(os.environ["TF_CONFIG"])["task"]["index"] if "TF_CONFIG" in os.environ else args.index
     out = Path(args.out) / f"{args.variant}_{index}.json"
-    out.write_text(json.dumps({"seconds": marks[1] - marks[0], "steps": args.steps}))
+    out.write_text(json.dumps(
+        {"seconds": marks[1] - marks[0], "cpu_seconds": cpu_marks[1] - cpu_marks[0], "steps": args.steps}
+    ))
 
 
-def _run_variant(variant: str, args: argparse.Namespace, workdir: Path) -> float:
-    """Runs one variant once; returns examples per second over all workers."""
+def _run_variant(variant: str, args: argparse.Namespace, workdir: Path) -> tuple[float, float]:
+    """Runs one variant once; returns examples/s over all workers and CPU ms per step per worker."""
     outputs = [workdir / f"{variant}_{i}.json" for i in range(args.workers)]
     for path in outputs:
         path.unlink(missing_ok=True)
@@ -171,7 +176,8 @@ def _run_variant(variant: str, args: argparse.Namespace, workdir: Path) -> float
             raise RuntimeError(f"{variant} cluster failed ({code}):\n{log.read_text()[-3000:]}")
     results = [json.loads(path.read_text()) for path in outputs]
     slowest = max(r["seconds"] for r in results)
-    return args.workers * args.batch * args.steps / slowest
+    cpu_ms = 1000 * statistics.mean(r["cpu_seconds"] for r in results) / args.steps
+    return args.workers * args.batch * args.steps / slowest, cpu_ms
 
 
 def main() -> None:
@@ -199,13 +205,17 @@ def main() -> None:
     if args.quick:
         args.repeats, args.steps, args.warmup = 2, 15, 5
     rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             for variant in VARIANTS:
                 started = time.perf_counter()
-                rates[variant].append(_run_variant(variant, args, Path(tmp)))
+                rate, cpu_ms = _run_variant(variant, args, Path(tmp))
+                rates[variant].append(rate)
+                cpu[variant].append(cpu_ms)
                 print(
-                    f"repeat {repeat + 1}/{args.repeats} {variant:6s} {rates[variant][-1]:8.1f} examples/s "
+                    f"repeat {repeat + 1}/{args.repeats} {variant:6s} {rate:8.1f} examples/s, "
+                    f"{1000 * args.workers * args.batch / rate:5.1f} ms/step, {cpu_ms:5.1f} CPU ms/step/worker "
                     f"({time.perf_counter() - started:.0f} s)",
                     file=sys.stderr,
                 )
@@ -214,13 +224,14 @@ def main() -> None:
         f"\n{args.workers} workers x {args.threads} thread(s), per-worker batch {args.batch}, {MODELS[args.model]}, "
         f"{args.steps} timed steps, median of {args.repeats}\n"
     )
-    print("| variant | examples/s (median) | min | max | vs limit | tfpar / variant |")
-    print("|---|---|---|---|---|---|")
+    print("| variant | examples/s (median) | min | max | vs limit | tfpar / variant | ms/step | CPU ms/step/worker |")
+    print("|---|---|---|---|---|---|---|---|")
     for variant in VARIANTS:
         values = rates[variant]
         print(
             f"| {variant} | {median[variant]:.1f} | {min(values):.1f} | {max(values):.1f} | "
-            f"{median[variant] / median['limit']:.3f} | {median['tfpar'] / median[variant]:.3f} |"
+            f"{median[variant] / median['limit']:.3f} | {median['tfpar'] / median[variant]:.3f} | "
+            f"{1000 * args.workers * args.batch / median[variant]:.1f} | {statistics.median(cpu[variant]):.1f} |"
         )
 
 

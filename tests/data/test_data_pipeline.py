@@ -179,3 +179,84 @@ def test_seeded_augment_fn_of_single_tensor_elements():
     dataset = td.pipeline(tf.data.Dataset.range(5), batch_size=5, augment_fn=augment)
     assert next(iter(dataset)).numpy().tolist() == [0, 1, 2, 3, 4]
     assert seen == [tf.TensorShape([2])]
+
+
+# --- augment_fn vectorized over each batch (tf.vectorized_map) when that is exact ---
+
+
+def _augment_order(dataset):
+    """'per-batch' if the augment map reads batches, 'per-example' if a batch reads its output."""
+    from tfpar.data import _graph
+
+    graph = _graph.graph_of(dataset)
+    node = graph.sink()
+    while node is not None and node.input:
+        below = graph.input_node(node.input[0])
+        if "Map" in node.op and "Batch" in below.op:
+            return "per-batch"
+        if "Batch" in node.op and "Map" in below.op:
+            return "per-example"
+        node = below
+    raise AssertionError("no map next to a batch in the pipeline graph")
+
+
+def _stripes(n=64):
+    """Images whose columns are 0..3, so a horizontal flip is visible in pixel [0, 0]."""
+    x = np.tile(np.arange(4, dtype="float32")[None, None, :, None], (n, 4, 1, 3))
+    return tf.data.Dataset.from_tensor_slices((x, np.arange(n)))
+
+
+def test_random_augment_runs_per_batch_with_one_draw_per_example():
+    flip = lambda x, y: (tf.image.random_flip_left_right(x), y)  # noqa: E731
+    dataset = td.pipeline(_stripes(), batch_size=64, augment_fn=flip, seed=0)
+    assert _augment_order(dataset) == "per-batch"
+    images, labels = next(iter(dataset))
+    flipped = float(np.mean(images.numpy()[:, 0, 0, 0] == 3))
+    # One coin per example (64 coins): P(outside 0.2..0.8) < 1e-5. One coin per batch gives 0 or 1.
+    assert 0.2 < flipped < 0.8
+    np.testing.assert_array_equal(labels.numpy(), np.arange(64))
+
+
+def test_vectorized_augment_equals_the_per_example_map_including_a_partial_batch():
+    def augment(x, y):
+        return tf.reduce_sum(x, axis=[0, 1]) * tf.cast(y, tf.float32), y * 2
+
+    dataset = td.pipeline(_stripes(10), batch_size=4, augment_fn=augment, deterministic=True)
+    assert _augment_order(dataset) == "per-batch"
+    batches = list(dataset.as_numpy_iterator())
+    assert [len(y) for _, y in batches] == [4, 4, 2]
+    expected = list(_stripes(10).map(augment).batch(4).as_numpy_iterator())
+    for (x, y), (ex, ey) in zip(batches, expected):
+        np.testing.assert_allclose(x, ex)
+        np.testing.assert_array_equal(y, ey)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["keras-layer-with-seed-variable", "py_function", "variable-size-input", "seeded", "unbatched"],
+)
+def test_augment_stays_per_example_when_vectorizing_would_change_it(case):
+    dataset, batch_size = _stripes(16), 16
+    if case == "keras-layer-with-seed-variable":  # pfor would read the seed variable once per batch
+        layer = keras.layers.RandomBrightness(0.5, value_range=(0, 3), seed=1)
+        augment = lambda x, y: (layer(x, training=True), y)  # noqa: E731
+    elif case == "py_function":  # pfor cannot convert it
+        augment = lambda x, y: (tf.py_function(lambda a: a + 1, [x], tf.float32), y)  # noqa: E731
+    elif case == "variable-size-input":  # cannot be batched before the augment crops it
+        dataset = tf.data.Dataset.range(1, 17).map(lambda n: (tf.zeros([n + 3, 4, 3]), n))
+        augment = lambda x, y: (tf.image.resize_with_crop_or_pad(x, 4, 4), y)  # noqa: E731
+    elif case == "seeded":  # stateless ops with a per-example seed do not convert
+        augment = lambda x, y, seed: (tf.image.stateless_random_flip_left_right(x, seed), y)  # noqa: E731
+    else:
+        batch_size = None
+        augment = lambda x, y: (tf.image.random_flip_left_right(x), y)  # noqa: E731
+    built = td.pipeline(dataset, batch_size=batch_size, augment_fn=augment, seed=0)
+    if batch_size is None:
+        assert built.element_spec[0].shape == (4, 4, 3)
+        return
+    assert _augment_order(built) == "per-example"
+    images, _ = next(iter(built))
+    assert images.shape == (16, 4, 4, 3)
+    if case == "keras-layer-with-seed-variable":
+        # Per example the layer draws a new brightness for every image.
+        assert len(np.unique(np.round(images.numpy()[:, 0, 0, 0], 5))) > 1

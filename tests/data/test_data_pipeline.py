@@ -219,7 +219,10 @@ def test_random_augment_runs_per_batch_with_one_draw_per_example():
 
 def test_vectorized_augment_equals_the_per_example_map_including_a_partial_batch():
     def augment(x, y):
-        return tf.reduce_sum(x, axis=[0, 1]) * tf.cast(y, tf.float32), y * 2
+        out = tf.reduce_sum(x, axis=[0, 1]) * tf.cast(y, tf.float32)
+        if y % 2 == 0:  # Python control flow on a tensor: AutoGraph, per example
+            out = -out
+        return out, y * 2
 
     dataset = td.pipeline(_stripes(10), batch_size=4, augment_fn=augment, deterministic=True)
     assert _augment_order(dataset) == "per-batch"

@@ -1,4 +1,4 @@
-"""Keras 3 fit / evaluate / predict under tfpar's parameter_server strategy (tfpar/coordinator.py
+"""Keras 3 fit / evaluate / predict under tfpar's parameter_server strategy (tfpar/coordinator/
 and interceptions 11-14 in tfpar/_keras_compat.py).
 
 * Argument checks run here (they happen before any TensorFlow side effect).

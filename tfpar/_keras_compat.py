@@ -1355,7 +1355,7 @@ def _routed_predict(
     return _ROUTES["predict"](self, **arguments)
 
 
-# Keras internals the coordinator loop needs (private attributes live here, not in coordinator.py).
+# Keras internals the coordinator loop needs (private attributes live here, not in tfpar.coordinator).
 
 
 def assert_compiled(model: Any, method: str) -> None:

@@ -1,0 +1,160 @@
+"""The strategy factory: ParameterServerStrategy with tfpar's options and partitioners."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import tensorflow as tf
+
+from tfpar import _keras_compat as compat
+from tfpar import cluster as cluster_lib
+from tfpar.coordinator._common import DEFAULT_MIN_SHARD_BYTES, ParameterServerOptions, VARIABLE_PARTITIONERS, _OPTIONS
+from tfpar.coordinator._evaluate import _evaluate
+from tfpar.coordinator._fit import _fit
+from tfpar.coordinator._predict import _predict
+
+
+def parameter_server_strategy(
+    cluster: str | Mapping[str, Any] | tf.distribute.cluster_resolver.ClusterResolver | tf.train.ClusterSpec = "tf_config",
+    *,
+    variable_partitioner: str | int | Callable[..., Any] | None = None,
+    min_shard_bytes: int = DEFAULT_MIN_SHARD_BYTES,
+    staleness: int | None = None,
+) -> tf.distribute.ParameterServerStrategy:
+    """Creates a ParameterServerStrategy whose Keras ``fit`` / ``evaluate`` / ``predict`` work.
+
+    This process must be the coordinator: the ``chief`` task of the cluster (``tfpar launch
+    --ps M`` runs the script there and servers in the worker and ps tasks), or a process outside
+    the cluster spec (``tfpar.local_cluster()``, the TF tutorial's layout).
+
+    Args:
+        cluster: Where the cluster comes from, as for :func:`tfpar.cluster.resolve`:
+            ``"tf_config"`` (default), ``"slurm"``, a dict cluster spec, a
+            ``tf.train.ClusterSpec`` or a ClusterResolver such as ``tfpar.local_cluster()``.
+            It must have at least one ``"worker"`` and one ``"ps"`` task.
+        variable_partitioner: How variables are split over the ps tasks:
+
+            * None: each variable lives whole on one ps (round-robin over the ps tasks).
+            * ``"min_size"``: variables larger than `min_shard_bytes` are split along their
+              first axis into shards of at least `min_shard_bytes`, at most one per ps
+              (``tf.distribute.experimental.partitioners.MinSizePartitioner``): for big
+              embeddings.
+            * an int ``n`` >= 1: every variable of rank >= 1 is split into ``n`` shards
+              (``FixedShardsPartitioner(n)``; fewer when its first axis is shorter).
+            * a ``tf.distribute.experimental.partitioners.Partitioner`` (or any callable with
+              its signature).
+
+            Keras layers and optimizers train, save and load sharded variables under tfpar, and
+            ``keras.layers.Embedding`` reads only the rows a batch uses from each shard.
+        min_shard_bytes: The minimum shard size for ``variable_partitioner="min_size"``.
+        staleness: None (default) for asynchronous training; an int ``k >= 0`` for
+            semi-asynchronous training: no worker starts a step while it is more than ``k``
+            steps ahead of the slowest (``k=0``: lockstep rounds). Counted in steps.
+
+    Returns:
+        The ``tf.distribute.ParameterServerStrategy``. Creating it connects to the cluster and,
+        as TensorFlow does, sets ``TF_ENABLE_EAGER_CLIENT_STREAMING_ENQUEUE`` and
+        ``TF_PS_DISABLE_ASYNC_EXECUTOR_GLOBALLY`` in this process's environment.
+
+    Raises:
+        TypeError: If an argument has the wrong type.
+        ValueError: If an argument has a wrong value, or the cluster has no worker or no ps
+            task, or this process is one of its worker / ps tasks.
+
+    Example:
+    >>> strategy = tfpar.coordinator.parameter_server_strategy(
+    ...     tfpar.local_cluster(workers=2, ps=2), variable_partitioner="min_size", staleness=1)
+    >>> with tfpar.scope(strategy):
+    ...     model = keras.Sequential([keras.Input((4,), dtype="int32"), keras.layers.Embedding(100_000, 64)])
+    """
+    if staleness is not None and (isinstance(staleness, bool) or not isinstance(staleness, numbers.Integral)):
+        raise TypeError(
+            "Expected staleness to be None (asynchronous) or an int >= 0 (bounded staleness). "
+            f"Received: staleness={staleness!r} (of type {type(staleness).__name__})"
+        )
+    if staleness is not None and staleness < 0:
+        raise ValueError(
+            "Expected staleness >= 0: 0 is lockstep, k lets a worker run k steps ahead of the "
+            f"slowest, None is fully asynchronous. Received: staleness={staleness}"
+        )
+    if isinstance(min_shard_bytes, bool) or not isinstance(min_shard_bytes, numbers.Integral):
+        raise TypeError(f"Expected min_shard_bytes to be an int. Received: min_shard_bytes={min_shard_bytes!r}")
+    if min_shard_bytes < 1:
+        raise ValueError(f"Expected min_shard_bytes >= 1. Received: min_shard_bytes={min_shard_bytes}")
+    _check_partitioner(variable_partitioner)
+    resolver = cluster_lib.resolve(cluster)
+    spec = resolver.cluster_spec().as_dict() if resolver.cluster_spec() else {}
+    workers, ps = len(spec.get("worker", ())), len(spec.get("ps", ()))
+    if workers < 1 or ps < 1:
+        shape = {job: len(tasks) for job, tasks in spec.items()} or "no cluster (TF_CONFIG is unset or empty)"
+        raise ValueError(
+            "Strategy 'parameter_server' needs a cluster with at least one 'worker' and one 'ps' "
+            f"task. Received: cluster={cluster!r} with {shape}. For a local try-out pass "
+            "cluster=tfpar.local_cluster(workers=2, ps=1); for separate processes run the script "
+            "under `tfpar launch --workers 2 --ps 1 -- python train.py`."
+        )
+    if resolver.task_type in ("worker", "ps"):
+        raise ValueError(
+            f"This process is task {resolver.task_type}:{resolver.task_id} of the cluster, but "
+            "under parameter-server training only the coordinator (the 'chief' task) runs the "
+            "training script; worker and ps tasks run TensorFlow servers "
+            "(tfpar.launch.serve(), which `tfpar launch --ps M` starts for them). "
+            f"Received: task_type={resolver.task_type!r}"
+        )
+    if resolver.task_type not in (None, "chief"):
+        raise ValueError(
+            "Expected the coordinator to be the 'chief' task (or outside the cluster spec). "
+            f"Received: task_type={resolver.task_type!r}"
+        )
+    partitioner = _make_partitioner(variable_partitioner, min_shard_bytes, ps)
+    strategy = tf.distribute.ParameterServerStrategy(resolver, variable_partitioner=partitioner)
+    _OPTIONS[strategy] = ParameterServerOptions(
+        staleness=None if staleness is None else int(staleness), variable_partitioner=partitioner
+    )
+    return compat.manage(strategy)  # tfpar's fixes (and routing of fit) apply to its models
+
+
+def _check_partitioner(value: Any) -> None:
+    if value is None or callable(value):
+        return
+    if isinstance(value, str):
+        if value not in VARIABLE_PARTITIONERS:
+            raise ValueError(
+                f"Unknown variable_partitioner {value!r}. Valid choices: None, 'min_size', an int "
+                "number of shards, or a tf.distribute.experimental.partitioners.Partitioner. "
+                f"Received: variable_partitioner={value!r}"
+            )
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            "Expected variable_partitioner to be None, 'min_size', an int number of shards or a "
+            "tf.distribute.experimental.partitioners.Partitioner. "
+            f"Received: variable_partitioner={value!r} (of type {type(value).__name__})"
+        )
+    if value < 1:
+        raise ValueError(f"Expected a number of shards >= 1. Received: variable_partitioner={value}")
+
+
+def _make_partitioner(value: Any, min_shard_bytes: int, num_ps: int) -> Any:
+    partitioners = tf.distribute.experimental.partitioners
+    if value is None or callable(value):
+        return value
+    if value == "min_size":
+        return partitioners.MinSizePartitioner(min_shard_bytes=int(min_shard_bytes), max_shards=num_ps)
+    return partitioners.FixedShardsPartitioner(int(value))
+
+
+def _install() -> None:
+    compat.install_parameter_server(fit=_fit, evaluate=_evaluate, predict=_predict)
+
+
+def _enable(strategy: tf.distribute.ParameterServerStrategy) -> None:
+    """Makes Keras fit/evaluate/predict work under a ParameterServerStrategy tfpar did not create.
+
+    For ``tfpar.get_strategy(instance)`` / ``tfpar.scope(instance)`` (``_keras_compat.manage``):
+    default options (asynchronous, the instance's own partitioner).
+    """
+    _install()
+    compat.track(strategy)

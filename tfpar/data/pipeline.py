@@ -270,7 +270,7 @@ def _build(
         dataset = dataset.cache(cache)
     if shuffle is not None:
         dataset = dataset.shuffle(shuffle, seed=seed, reshuffle_each_iteration=True)
-    per_batch = None
+    batched = False  # True once augment_fn runs per batch (then the batch is already made)
     if augment_fn is not None:
         if _takes_seed(augment_fn):
             # One stateless-RNG seed per example, new every epoch, reproducible from `seed`:
@@ -280,18 +280,18 @@ def _build(
             dataset = tf.data.Dataset.zip(dataset, seeds.batch(2, drop_remainder=True))
             augment_fn = _seeded(augment_fn)
         elif batch_size is not None:
-            per_batch = _vectorized(dataset, augment_fn, batch_size, drop_remainder, deterministic)
-        if per_batch is None:
+            vectorized = _vectorized(dataset, augment_fn, batch_size, drop_remainder, deterministic)
+            if vectorized is not None:
+                dataset, batched = vectorized, True
+        if not batched:
             dataset = dataset.map(augment_fn, num_parallel_calls=tf.data.AUTOTUNE,
                                   deterministic=deterministic)
-    if per_batch is not None:
-        dataset = per_batch
-    elif batch_size is not None:
-        # A plain batch after the parallel augment map: tf.data fuses the two into one
-        # MapAndBatch step. A parallel batch (num_parallel_calls) is not fused and cost 7% more
-        # CPU per example and ~5% first-epoch throughput (benchmarks/input_pipeline.py, 2 cores).
-        dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     if batch_size is not None:
+        if not batched:
+            # A plain batch after the parallel augment map: tf.data fuses the two into one
+            # MapAndBatch step. A parallel batch (num_parallel_calls) is not fused and cost 7%
+            # more CPU per example and ~5% first-epoch throughput (benchmarks/input_pipeline.py).
+            dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
         if split_into is not None and split_into != batch_size:
             # One batch per replica this pipeline serves: every step is full (drop_remainder) and
             # the replicas' batches come from consecutive examples.

@@ -160,12 +160,25 @@ def test_global_seed_counts_as_a_seed():
         (lambda d: d.map(lambda x: x, num_parallel_calls=2, deterministic=False), "deterministic=False"),
         (lambda d: d.filter(lambda x: tf.random.uniform([]) < 0.5), "unseeded random op"),
         (lambda d: tf.data.Dataset.sample_from_datasets([d, d]), "RandomDataset"),
+        (lambda d: tf.data.Dataset.random().take(20), "RandomDataset"),  # the random stream is the data
         (lambda d: d.interleave(lambda x: tf.data.Dataset.range(3).shuffle(3)), "inside function"),
     ],
 )
 def test_other_nondeterminism_is_refused(make, problem):
     with pytest.raises(ValueError, match=problem):
         td.shard(make(tf.data.Dataset.range(20)), 2, 0, policy="data")
+
+
+def test_unseeded_random_values_zipped_to_the_data_do_not_block_a_data_shard():
+    # A seeded augment_fn without seed=: tfpar zips an unseeded Dataset.random() in as per-example
+    # seeds. It changes the values, never which examples a shard gets.
+    augment = lambda x, seed: tf.cast(x, tf.float32) + tf.random.stateless_uniform([], seed)  # noqa: E731
+    built = td.pipeline(tf.data.Dataset.range(12), augment_fn=augment, deterministic=True)
+    shards = [td.shard(built, 3, i, policy="data") for i in range(3)]
+    _assert_partition([sorted(int(v) for v in s.as_numpy_iterator()) for s in shards], range(12))
+    zipped = tf.data.Dataset.zip(tf.data.Dataset.range(12), tf.data.Dataset.random().batch(2))
+    _assert_partition([[int(x) for x, _ in td.shard(zipped, 2, i).as_numpy_iterator()] for i in range(2)],
+                      range(12))
 
 
 def test_nondeterministic_options_are_refused():

@@ -365,7 +365,9 @@ def find_nondeterminism(dataset: tf.data.Dataset) -> tuple[list[str], list[str]]
                     for i in _SEEDED_OPS[op]
                     if i < len(node.input)
                 ]
-                if any(s is None for s in seeds) or len(seeds) < 2:
+                if op.startswith("RandomDataset") and _only_zipped(node, nodes):
+                    pass  # zipped in as values (e.g. per-example augmentation seeds): not an order
+                elif any(s is None for s in seeds) or len(seeds) < 2:
                     unverifiable.append(f"{_describe(op)}{where} takes its seed from a computed value")
                 elif seeds[0] == 0 and seeds[1] == 0:
                     problems.append(f"{_describe(op)}{where} has no seed")
@@ -402,6 +404,41 @@ def find_nondeterminism(dataset: tf.data.Dataset) -> tuple[list[str], list[str]]
                         random_predicates.add(f"{op}{where} decides with an unseeded random op")
     problems.extend(sorted(random_predicates))
     return problems, unverifiable
+
+
+# Ops that pass each input element on as one output element (or a fixed group of them): a random
+# stream behind them is still only a stream of values.
+_ELEMENTWISE = ("BatchDataset", "BatchDatasetV2", "MapDataset", "ParallelMapDataset",
+                "ParallelMapDatasetV2", "PrefetchDataset", "OptionsDataset")
+
+
+def _only_zipped(node, nodes: list) -> bool:
+    """Whether a RandomDataset's elements only ever reach a ZipDataset, through element-wise ops.
+
+    Zip pairs the i-th elements of its inputs, so a random stream zipped to the data changes the
+    values an example carries, never which examples come in which order. (The random stream that
+    decides the order of ``sample_from_datasets`` feeds a DirectedInterleave instead.)
+    """
+    consumers: dict[str, list] = {}
+    for other in nodes:
+        for name in other.input:
+            consumers.setdefault(name.lstrip("^").split(":")[0], []).append(other)
+    frontier, seen = [node], set()
+    while frontier:
+        current = frontier.pop()
+        if current.name in seen:
+            continue
+        seen.add(current.name)
+        users = consumers.get(current.name, [])
+        if not users:
+            return False  # the random stream is itself the output
+        for user in users:
+            if user.op == "ZipDataset":
+                continue
+            if user.op not in _ELEMENTWISE:
+                return False
+            frontier.append(user)
+    return True
 
 
 def _describe(op: str) -> str:

@@ -161,6 +161,11 @@ def test_global_seed_counts_as_a_seed():
         (lambda d: d.filter(lambda x: tf.random.uniform([]) < 0.5), "unseeded random op"),
         (lambda d: tf.data.Dataset.sample_from_datasets([d, d]), "RandomDataset"),
         (lambda d: tf.data.Dataset.random().take(20), "RandomDataset"),  # the random stream is the data
+        (  # an unseeded random subsample: the zipped random value decides which examples stay
+            lambda d: tf.data.Dataset.zip(d, tf.data.Dataset.random())
+            .filter(lambda x, r: r % 4 != 0).map(lambda x, r: x),
+            "RandomDataset",
+        ),
         (lambda d: d.interleave(lambda x: tf.data.Dataset.range(3).shuffle(3)), "inside function"),
     ],
 )

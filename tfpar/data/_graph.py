@@ -406,38 +406,48 @@ def find_nondeterminism(dataset: tf.data.Dataset) -> tuple[list[str], list[str]]
     return problems, unverifiable
 
 
-# Ops that pass each input element on as one output element (or a fixed group of them): a random
-# stream behind them is still only a stream of values.
-_ELEMENTWISE = ("BatchDataset", "BatchDatasetV2", "MapDataset", "ParallelMapDataset",
-                "ParallelMapDatasetV2", "PrefetchDataset", "OptionsDataset")
+# Ops that never choose which elements come out by their values: a random stream zipped to the
+# data and passed only through these changes what an example carries, never which examples a
+# shard gets. Filter, flat_map, interleave, group_by_window... are not here: they could select by
+# the random value (a random subsample), and then an unseeded stream is an order problem.
+_VALUE_PASSING = ("BatchDataset", "PaddedBatchDataset", "ParallelBatchDataset", "MapDataset",
+                  "ParallelMapDataset", "MapAndBatchDataset", "RebatchDataset", "ZipDataset",
+                  "PrefetchDataset", "OptionsDataset", "ModelDataset", "CacheDataset",
+                  "RepeatDataset", "TakeDataset", "SkipDataset", "ShuffleDataset",
+                  "ShardDataset", "MaxIntraOpParallelismDataset", "PrivateThreadPoolDataset",
+                  "AssertCardinalityDataset", "Identity")
 
 
 def _only_zipped(node, nodes: list) -> bool:
-    """Whether a RandomDataset's elements only ever reach a ZipDataset, through element-wise ops.
+    """Whether a RandomDataset only supplies values zipped to other data, never order.
 
-    Zip pairs the i-th elements of its inputs, so a random stream zipped to the data changes the
-    values an example carries, never which examples come in which order. (The random stream that
-    decides the order of ``sample_from_datasets`` feeds a DirectedInterleave instead.)
+    True when every path from it to the output goes through a ZipDataset and only through ops in
+    ``_VALUE_PASSING``: zip pairs the i-th elements of its inputs, so the random values ride along
+    with the examples. (The random stream that picks among the inputs of
+    ``sample_from_datasets`` feeds a DirectedInterleave and is still refused.)
     """
     consumers: dict[str, list] = {}
     for other in nodes:
         for name in other.input:
             consumers.setdefault(name.lstrip("^").split(":")[0], []).append(other)
-    frontier, seen = [node], set()
+    frontier, seen = [(node, False)], set()
     while frontier:
-        current = frontier.pop()
-        if current.name in seen:
+        current, zipped = frontier.pop()
+        if (current.name, zipped) in seen:
             continue
-        seen.add(current.name)
+        seen.add((current.name, zipped))
         users = consumers.get(current.name, [])
-        if not users:
-            return False  # the random stream is itself the output
+        if not users or current.op == "_Retval":
+            if not zipped:
+                return False  # the random stream itself is (part of) the output
+            continue
         for user in users:
-            if user.op == "ZipDataset":
-                continue
-            if user.op not in _ELEMENTWISE:
+            if user.op == "_Retval":
+                frontier.append((user, zipped))
+            elif is_op(user.op, _VALUE_PASSING):
+                frontier.append((user, zipped or user.op == "ZipDataset"))
+            else:
                 return False
-            frontier.append(user)
     return True
 
 

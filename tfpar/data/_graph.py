@@ -366,8 +366,8 @@ def find_nondeterminism(dataset: tf.data.Dataset) -> tuple[list[str], list[str]]
                     if i < len(node.input)
                 ]
                 if op.startswith("RandomDataset") and _only_zipped(node, nodes):
-                    pass  # zipped in as values (e.g. per-example augmentation seeds): not an order
-                elif any(s is None for s in seeds) or len(seeds) < 2:
+                    continue  # zipped in as values (per-example augmentation seeds): not an order
+                if any(s is None for s in seeds) or len(seeds) < 2:
                     unverifiable.append(f"{_describe(op)}{where} takes its seed from a computed value")
                 elif seeds[0] == 0 and seeds[1] == 0:
                     problems.append(f"{_describe(op)}{where} has no seed")

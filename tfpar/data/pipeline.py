@@ -6,7 +6,8 @@
     map_fn (parallel, deterministic)      decode / parse: the same work every epoch
     cache (memory or file)                so later epochs read no files and decode nothing
     shuffle (seeded if asked)             after the cache, so every epoch has a new order
-    augment_fn (parallel)                 random augmentation after the cache, never frozen in it
+    augment_fn (parallel)                 random augmentation after the cache, never frozen in it;
+                                          once per batch (tf.vectorized_map) when that is exact
     batch                                 by the global size, or per replica under distribute()
     prefetch (AUTOTUNE)                   overlap input with the training step
 

@@ -107,16 +107,72 @@ def test_options_of_other_strategies_are_refused():
 def test_the_registry_names_reach_this_factory(name):
     import tfpar
 
-    try:
+    with pytest.raises(ValueError, match="Expected staleness >= 0"):  # this factory's check, before connecting
         tfpar.get_strategy(name, staleness=-1)
-    except RuntimeError as error:
-        if "not available" in str(error):
-            pytest.skip("tfpar.strategies still registers the placeholder; the lead wires the factory")
-        raise
-    except ValueError as error:
-        assert "Expected staleness >= 0" in str(error)  # this factory's check, before connecting
-    else:
-        raise AssertionError("staleness=-1 was accepted")
+
+
+# --- waiting until every worker reaches every ps (tfpar/coordinator/_reach.py) ----------------
+
+_SPEC = {"worker": ["127.0.0.1:1001", "127.0.0.1:1002"], "ps": ["127.0.0.1:1003"]}
+
+
+def _ps_unreachable():
+    import tensorflow as tf
+
+    return tf.errors.UnavailableError(
+        None, None,
+        "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1003: Failed to connect "
+        "to remote host: Connection refused\nAdditional GRPC error information from remote target "
+        "/job:ps/replica:0/task:0/device:CPU:0 while calling /tensorflow.eager.EagerService/Enqueue:",
+    )
+
+
+class _FailingThenReading:
+    def __init__(self, failures: int, error_factory=_ps_unreachable) -> None:
+        self.failures, self.calls, self.error_factory = failures, 0, error_factory
+
+    def __call__(self):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error_factory()
+        return 1
+
+
+def test_a_worker_whose_channel_to_the_ps_still_fails_is_retried_until_it_reads(monkeypatch, caplog):
+    from tfpar.coordinator import _reach
+
+    monkeypatch.setattr(_reach, "_RETRY_SECONDS", 0.0)
+    function = _FailingThenReading(failures=3)
+    with caplog.at_level("WARNING", logger="tfpar.coordinator"):
+        assert _reach._read_from(1, function, 1, _SPEC, timeout=30) == 3
+    assert function.calls == 4
+    assert "worker:1 cannot reach ps task(s) [0] yet (failed to connect to all addresses" in caplog.text
+    assert "worker:1 reaches every ps task now" in caplog.text
+
+
+def test_a_worker_that_never_reaches_the_ps_gives_an_error_naming_both_addresses(monkeypatch):
+    from tfpar.coordinator import _reach
+
+    monkeypatch.setattr(_reach, "_RETRY_SECONDS", 0.0)
+    function = _FailingThenReading(failures=10**9)
+    with pytest.raises(ConnectionError) as caught:
+        _reach._read_from(0, function, 1, _SPEC, timeout=0.05)
+    message = str(caught.value)
+    assert "worker:0 (127.0.0.1:1001) could not reach ps:0 (127.0.0.1:1003) for 0 s" in message
+    assert "check that the ps address in the cluster spec is reachable from the worker's host" in message
+    assert "TensorFlow reported: UnavailableError: failed to connect to all addresses" in message
+
+
+def test_a_worker_that_does_not_answer_itself_is_left_to_cluster_coordinator(monkeypatch):
+    import tensorflow as tf
+
+    from tfpar.coordinator import _reach
+
+    monkeypatch.setattr(_reach, "_RETRY_SECONDS", 0.0)
+    worker_down = _FailingThenReading(
+        failures=10**9, error_factory=lambda: tf.errors.UnavailableError(None, None, "Socket closed"))
+    assert _reach._read_from(0, worker_down, 1, _SPEC, timeout=30) is None
+    assert worker_down.calls == 1  # no waiting: the coordinator re-runs a dead worker's steps elsewhere
 
 
 # =============================================================================================
@@ -554,28 +610,43 @@ def test_a_ps_failure_stops_training_with_a_clear_error_and_a_backup_to_resume(t
     backup = tmp_path / "backup"
     options = ["--epochs", "4", "--slow", "6", "--backup", str(backup), "--mark-epoch", "2"]
     tasks = [_Task([PY, "-c", SERVE], spec, "worker", i) for i in range(2)]
-    try:
+
+    def restart(run: str) -> tuple[_Task, _Task]:
+        # As a user (or Kubernetes) restarts the two after a ps failure, the workers kept running:
+        # the coordinator first, the ps a little later, so that the workers' channels to the ps
+        # may still be failing when the coordinator starts to train.
+        chief = _Task([PY, str(LAUNCH_FIT), str(tmp_path / f"{run}.json"), *options], spec, "chief", 0)
+        tasks.append(chief)
+        time.sleep(2)
         ps = _Task([PY, "-c", SERVE], spec, "ps", 0)
         tasks.append(ps)
-        chief = _Task([PY, str(LAUNCH_FIT), str(tmp_path / "first.json"), *options], spec, "chief", 0)
-        tasks.append(chief)
+        return chief, ps
+
+    def fails_at_epoch_2(chief: _Task, ps: _Task, finished: str) -> None:
         _wait_for(lambda: "MARK epoch 2" in chief.text() or chief.process.poll() is not None, 150, "epoch 2")
         assert "MARK epoch 2" in chief.text(), chief.text()[-6000:]
         ps.kill()
         assert chief.process.wait(timeout=120) != 0
         text = chief.text()
         message = next(line for line in chief.lines if line.startswith("tfpar.coordinator.ParameterServerError"))
-        assert "Parameter server ps:0 failed during epoch 3 (the last finished epoch is 2)" in message
+        assert f"Parameter server ps:0 failed during epoch 3 ({finished})" in message
         assert f"A checkpoint to resume from is in '{backup}'" in message
         assert "restart the ps task and run the same script again" in message
         assert "TensorFlow reported: UnavailableError:" in message, text[-4000:]
         assert backup.is_dir()
-        # Restart the ps and the coordinator: BackupAndRestore resumes at epoch 2 (0-based).
-        tasks.append(_Task([PY, "-c", SERVE], spec, "ps", 0))
-        second = _Task([PY, str(LAUNCH_FIT), str(tmp_path / "second.json"), *options], spec, "chief", 0)
-        tasks.append(second)
-        assert second.process.wait(timeout=180) == 0, second.text()[-6000:]
-        result = json.loads((tmp_path / "second.json").read_text())
+
+    try:
+        ps = _Task([PY, "-c", SERVE], spec, "ps", 0)
+        tasks.append(ps)
+        chief = _Task([PY, str(LAUNCH_FIT), str(tmp_path / "first.json"), *options], spec, "chief", 0)
+        tasks.append(chief)
+        fails_at_epoch_2(chief, ps, "the last finished epoch is 2")
+        # Restarted, fit resumes at epoch 3 (0-based 2) from the backup; the ps fails again in it.
+        fails_at_epoch_2(*restart("second"), "the last finished epoch is 2")
+        # Restarted once more, it finishes: epochs 3 and 4 of 4.
+        third, _ = restart("third")
+        assert third.process.wait(timeout=180) == 0, third.text()[-6000:]
+        result = json.loads((tmp_path / "third.json").read_text())
         assert result["epochs_run"] == 2  # epochs 3 and 4 of 4
         assert result["iterations"] == 4 * 8  # two restored epochs of optimizer steps + two new
         assert result["evaluate"]["accuracy"] > 0.85

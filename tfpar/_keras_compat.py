@@ -1418,6 +1418,15 @@ def track(strategy: tf.distribute.ParameterServerStrategy) -> None:
     _STRATEGIES.add(strategy)
 
 
+def ps_cluster_spec(strategy: tf.distribute.ParameterServerStrategy) -> dict[str, list[str]]:
+    """The cluster spec (a dict) a ParameterServerStrategy connected to.
+
+    Its public ``cluster_resolver`` property is None (TF 2.21); the resolver passed to the
+    constructor is kept in ``_cluster_resolver``.
+    """
+    return strategy._cluster_resolver.cluster_spec().as_dict()
+
+
 def coordinator(strategy: tf.distribute.ParameterServerStrategy) -> tf.distribute.coordinator.ClusterCoordinator:
     """The strategy's (singleton) ClusterCoordinator, stopped at exit before finalization (P4)."""
     track(strategy)

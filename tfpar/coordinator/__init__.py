@@ -88,7 +88,9 @@ server fails, its variables are lost: ``fit`` raises :class:`ParameterServerErro
 task, the last finished epoch, and the ``keras.callbacks.BackupAndRestore`` backup to resume from
 (restart the ps task and the coordinator; BackupAndRestore restores the weights, optimizer state
 and epoch, and the interrupted epoch runs again from its start; without it, the error says how
-to add it).
+to add it). The workers may keep running: creating the strategy waits (up to a minute, with a
+warning) until every worker reaches every ps task, because a worker's connection to a ps that was
+just down keeps failing for a moment after the ps is back.
 
 Example:
     import tfpar
@@ -102,7 +104,8 @@ Modules (imports flow down this list, each from the ones above it): ``_common`` 
 :class:`ParameterServerError`, :func:`options`), ``_inputs`` (arrays, datasets, class weights),
 ``_runner`` (per-model closures, staleness variables), ``_worker_inputs`` (arrays gathered on the
 workers), ``_callbacks`` (callback dispatch, error translation), ``_evaluate``, ``_fit``,
-``_predict`` (the three loops), ``_strategy`` (the strategy factory, which installs the loops).
+``_predict`` (the three loops), ``_reach`` (waiting until every worker reaches every ps),
+``_strategy`` (the strategy factory, which installs the loops).
 """
 
 from __future__ import annotations

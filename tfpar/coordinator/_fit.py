@@ -148,6 +148,8 @@ def _fit_loop(
 
     callbacks.on_train_begin()
     initial_epoch = compat.take_initial_epoch(model, initial_epoch)
+    if initial_epoch > 0:  # resumed (BackupAndRestore) or told to start later: those epochs are done
+        progress.last_finished_epoch = initial_epoch - 1
     training_logs = None
     logs: Any = {}
     for epoch in range(initial_epoch, epochs):

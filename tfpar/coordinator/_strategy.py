@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -14,6 +15,9 @@ from tfpar.coordinator._common import DEFAULT_MIN_SHARD_BYTES, ParameterServerOp
 from tfpar.coordinator._evaluate import _evaluate
 from tfpar.coordinator._fit import _fit
 from tfpar.coordinator._predict import _predict
+from tfpar.coordinator._reach import wait_until_workers_reach_ps
+
+_CONNECTED: "weakref.WeakSet[tf.distribute.ParameterServerStrategy]" = weakref.WeakSet()
 
 
 def parameter_server_strategy(
@@ -54,14 +58,15 @@ def parameter_server_strategy(
             steps ahead of the slowest (``k=0``: lockstep rounds). Counted in steps.
 
     Returns:
-        The ``tf.distribute.ParameterServerStrategy``. Creating it connects to the cluster and,
-        as TensorFlow does, sets ``TF_ENABLE_EAGER_CLIENT_STREAMING_ENQUEUE`` and
+        The ``tf.distribute.ParameterServerStrategy``. Creating it connects to the cluster, waits
+        (up to a minute) until every worker reads from every ps task, and, as TensorFlow does, sets ``TF_ENABLE_EAGER_CLIENT_STREAMING_ENQUEUE`` and
         ``TF_PS_DISABLE_ASYNC_EXECUTOR_GLOBALLY`` in this process's environment.
 
     Raises:
         TypeError: If an argument has the wrong type.
         ValueError: If an argument has a wrong value, or the cluster has no worker or no ps
             task, or this process is one of its worker / ps tasks.
+        ConnectionError: If a worker cannot reach a ps task for a minute.
 
     Example:
     >>> strategy = tfpar.coordinator.parameter_server_strategy(
@@ -154,7 +159,11 @@ def _enable(strategy: tf.distribute.ParameterServerStrategy) -> None:
     """Makes Keras fit/evaluate/predict work under a ParameterServerStrategy tfpar did not create.
 
     For ``tfpar.get_strategy(instance)`` / ``tfpar.scope(instance)`` (``_keras_compat.manage``):
-    default options (asynchronous, the instance's own partitioner).
+    default options (asynchronous, the instance's own partitioner). Once per strategy, waits
+    until every worker reaches every ps task (``_reach``).
     """
     _install()
     compat.track(strategy)
+    if strategy not in _CONNECTED:
+        wait_until_workers_reach_ps(compat.ps_cluster_spec(strategy))
+        _CONNECTED.add(strategy)

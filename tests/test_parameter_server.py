@@ -369,6 +369,12 @@ PS0, PS1 = "/job:ps/replica:0/task:0/device:CPU:0", "/job:ps/replica:0/task:1/de
 
 
 @pytest.mark.multiprocess
+def test_creating_the_strategy_waits_until_every_worker_reaches_every_ps(partition):
+    # Two workers, two ps tasks, in-process servers: each worker ran an op on both ps at once.
+    assert partition["reach"] == {"checked_when_created": True, "failed_calls_per_worker": {"0": 0, "1": 0}}
+
+
+@pytest.mark.multiprocess
 def test_min_size_partitioner_shards_big_variables_and_their_optimizer_slots(partition):
     result = partition["min_size"]
     assert result["embedding_shards"] == [PS0, PS1]  # 2000 x 8 floats: one shard per ps

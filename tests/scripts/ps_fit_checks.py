@@ -339,6 +339,13 @@ def partition():
     for name, options in [("min_size", {"variable_partitioner": "min_size", "min_shard_bytes": 4096}),
                           ("fixed3", {"variable_partitioner": 3})]:
         strategy = strategy_for(cluster, **options)
+        if name == "min_size":
+            from tfpar.coordinator import _reach, _strategy
+
+            RESULT["reach"] = {
+                "checked_when_created": strategy in _strategy._CONNECTED,
+                "failed_calls_per_worker": _reach.wait_until_workers_reach_ps(cluster.cluster_spec().as_dict()),
+            }
         with tfpar.scope(strategy):
             model = embedding_model(vocabulary)
             model.compile(optimizer=keras.optimizers.Adam(0.05),

@@ -9,8 +9,7 @@ training steps fail on the workers' stale channels. TensorFlow's ClusterCoordina
 a step at once, at most three times per ps task (``TF_COORDINATOR_IGNORE_TRANSIENT_PS_FAILURES``),
 which the backoff window outlasts; fit then reports a ps failure although nothing failed.
 
-:func:`wait_until_workers_reach_ps` runs, on each worker, a function that reads a scalar from every
-ps task, and retries a call that fails on the worker-to-ps path until it succeeds or a deadline
+:func:`wait_until_workers_reach_ps` runs, on each worker, a function that runs an op on every ps task, and retries a call that fails on the worker-to-ps path until it succeeds or a deadline
 passes. It runs when the strategy is created, before any step.
 """
 
@@ -33,7 +32,7 @@ _RETRY_SECONDS = 0.2
 def wait_until_workers_reach_ps(
     cluster: Mapping[str, Sequence[str]], timeout: float = REACH_TIMEOUT_SECONDS
 ) -> dict[int, int]:
-    """Blocks until each worker task reads a value from each ps task (retrying on the way).
+    """Blocks until each worker task runs an op on each ps task (retrying on the way).
 
     Call it from the coordinator after it connected to the cluster (creating the
     ParameterServerStrategy connects).
@@ -56,14 +55,16 @@ def wait_until_workers_reach_ps(
     {0: 0, 1: 0}
     """
     ps_tasks = len(cluster.get("ps", ()))
-    values = []
-    for task in range(ps_tasks):
-        with tf.device(f"/job:ps/replica:0/task:{task}/device:CPU:0"):
-            values.append(tf.Variable(1, dtype=tf.int32, trainable=False, name=f"tfpar_reach_ps{task}"))
 
     @tf.function(autograph=False)
     def read_every_ps() -> tf.Tensor:
-        return tf.add_n([value.read_value() for value in values])
+        # A stateful op on each ps (not constant-folded, no variable: creating one inside a
+        # strategy scope would shift where the strategy places the model's variables).
+        stamps = []
+        for task in range(ps_tasks):
+            with tf.device(f"/job:ps/replica:0/task:{task}/device:CPU:0"):
+                stamps.append(tf.cast(tf.timestamp() > 0, tf.int32))
+        return tf.add_n(stamps)
 
     failures: dict[int, int] = {}
     for worker in range(len(cluster.get("worker", ()))):
@@ -84,7 +85,7 @@ def _read_from(
         try:
             with tf.device(f"/job:worker/replica:0/task:{worker}"):
                 total = int(function())
-            if total != expected:  # pragma: no cover - a read of a fresh variable cannot differ
+            if total != expected:  # pragma: no cover - every ps answers with 1
                 raise AssertionError(f"Expected {expected} from the ps tasks. Received: {total}")
             if failed:
                 _log.warning("worker:%d reaches every ps task now (after %.1f s).", worker,

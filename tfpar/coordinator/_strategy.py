@@ -59,8 +59,9 @@ def parameter_server_strategy(
 
     Returns:
         The ``tf.distribute.ParameterServerStrategy``. Creating it connects to the cluster, waits
-        (up to a minute) until every worker reads from every ps task, and, as TensorFlow does, sets ``TF_ENABLE_EAGER_CLIENT_STREAMING_ENQUEUE`` and
-        ``TF_PS_DISABLE_ASYNC_EXECUTOR_GLOBALLY`` in this process's environment.
+        (up to a minute) until every worker reaches every ps task, and, as TensorFlow does, sets
+        ``TF_ENABLE_EAGER_CLIENT_STREAMING_ENQUEUE`` and ``TF_PS_DISABLE_ASYNC_EXECUTOR_GLOBALLY``
+        in this process's environment.
 
     Raises:
         TypeError: If an argument has the wrong type.

@@ -159,7 +159,7 @@ def test_a_worker_that_never_reaches_the_ps_gives_an_error_naming_both_addresses
         _reach._read_from(0, function, 1, _SPEC, timeout=0.05)
     message = str(caught.value)
     assert "worker:0 (127.0.0.1:1001) could not reach ps:0 (127.0.0.1:1003) for 0 s" in message
-    assert "check that the ps address in the cluster spec is reachable from the worker's host" in message
+    assert "check that the ps task is still running and that the ps address in the cluster spec" in message
     assert "TensorFlow reported: UnavailableError: failed to connect to all addresses" in message
 
 

@@ -107,8 +107,8 @@ def _read_from(
                 names = ", ".join(f"ps:{t} ({cluster['ps'][t]})" for t in sorted(ps)) or "a ps task"
                 raise ConnectionError(
                     f"worker:{worker} ({cluster['worker'][worker]}) could not reach {names} for "
-                    f"{timeout:.0f} s ({failed} attempts), although this coordinator reaches it. "
-                    "Expected every worker to reach every ps task: check that the ps address in "
+                    f"{timeout:.0f} s ({failed} attempts). Expected every worker to reach every "
+                    "ps task: check that the ps task is still running and that the ps address in "
                     "the cluster spec is reachable from the worker's host (firewall, a hostname "
                     "that resolves differently there). TensorFlow reported: "
                     f"{type(error).__name__}: {_first_line(error)}"

@@ -138,16 +138,32 @@ class _FailingThenReading:
         return 1
 
 
+def _read_from(reach, function, timeout: float = 30.0):
+    return reach._read_from(1, function, 1, _SPEC, timeout, time.monotonic() + timeout)
+
+
 def test_a_worker_whose_channel_to_the_ps_still_fails_is_retried_until_it_reads(monkeypatch, caplog):
     from tfpar.coordinator import _reach
 
     monkeypatch.setattr(_reach, "_RETRY_SECONDS", 0.0)
     function = _FailingThenReading(failures=3)
     with caplog.at_level("WARNING", logger="tfpar.coordinator"):
-        assert _reach._read_from(1, function, 1, _SPEC, timeout=30) == 3
+        assert _read_from(_reach, function) == 3
     assert function.calls == 4
     assert "worker:1 cannot reach ps task(s) [0] yet (failed to connect to all addresses" in caplog.text
     assert "worker:1 reaches every ps task now" in caplog.text
+
+
+def test_a_cancellation_relayed_from_the_ps_path_is_retried_too(monkeypatch):
+    import tensorflow as tf
+
+    from tfpar.coordinator import _reach
+
+    monkeypatch.setattr(_reach, "_RETRY_SECONDS", 0.0)
+    relayed = _FailingThenReading(failures=2, error_factory=lambda: tf.errors.CancelledError(
+        None, None, "Cancelled: [_Derived_]Function was cancelled before it was started; "
+        "from remote target /job:ps/replica:0/task:0"))
+    assert _read_from(_reach, relayed) == 2  # ClusterCoordinator also treats it as transient
 
 
 def test_a_worker_that_never_reaches_the_ps_gives_an_error_naming_both_addresses(monkeypatch):
@@ -156,9 +172,9 @@ def test_a_worker_that_never_reaches_the_ps_gives_an_error_naming_both_addresses
     monkeypatch.setattr(_reach, "_RETRY_SECONDS", 0.0)
     function = _FailingThenReading(failures=10**9)
     with pytest.raises(ConnectionError) as caught:
-        _reach._read_from(0, function, 1, _SPEC, timeout=0.05)
+        _reach._read_from(0, function, 1, _SPEC, 5.0, time.monotonic() + 0.05)
     message = str(caught.value)
-    assert "worker:0 (127.0.0.1:1001) could not reach ps:0 (127.0.0.1:1003) for 0 s" in message
+    assert "worker:0 (127.0.0.1:1001) could not reach ps:0 (127.0.0.1:1003) within 5 s" in message
     assert "check that the ps task is still running and that the ps address in the cluster spec" in message
     assert "TensorFlow reported: UnavailableError: failed to connect to all addresses" in message
 
@@ -169,10 +185,24 @@ def test_a_worker_that_does_not_answer_itself_is_left_to_cluster_coordinator(mon
     from tfpar.coordinator import _reach
 
     monkeypatch.setattr(_reach, "_RETRY_SECONDS", 0.0)
-    worker_down = _FailingThenReading(
-        failures=10**9, error_factory=lambda: tf.errors.UnavailableError(None, None, "Socket closed"))
-    assert _reach._read_from(0, worker_down, 1, _SPEC, timeout=30) is None
+    worker_down = _FailingThenReading(failures=10**9, error_factory=lambda: tf.errors.UnavailableError(
+        None, None, "failed to connect to all addresses\nAdditional GRPC error information from remote "
+        "target /job:worker/replica:0/task:1 while calling /tensorflow.eager.EagerService/Enqueue:"))
+    assert _read_from(_reach, worker_down) is None
     assert worker_down.calls == 1  # no waiting: the coordinator re-runs a dead worker's steps elsewhere
+
+
+def test_an_unexpected_error_stops_the_check_with_a_warning_not_the_strategy(monkeypatch, caplog):
+    import tensorflow as tf
+
+    from tfpar.coordinator import _reach
+
+    monkeypatch.setattr(_reach, "_RETRY_SECONDS", 0.0)
+    odd = _FailingThenReading(failures=10**9, error_factory=lambda: tf.errors.InternalError(None, None, "odd"))
+    with caplog.at_level("WARNING", logger="tfpar.coordinator"):
+        assert _read_from(_reach, odd) is None
+    assert odd.calls == 1
+    assert "Could not check that worker:1 reaches the ps tasks: InternalError: odd" in caplog.text
 
 
 # =============================================================================================
@@ -369,8 +399,9 @@ PS0, PS1 = "/job:ps/replica:0/task:0/device:CPU:0", "/job:ps/replica:0/task:1/de
 
 
 @pytest.mark.multiprocess
-def test_creating_the_strategy_waits_until_every_worker_reaches_every_ps(partition):
-    # Two workers, two ps tasks, in-process servers: each worker ran an op on both ps at once.
+def test_creating_the_strategy_checks_that_every_worker_reaches_every_ps(partition):
+    # Creating the strategy ran the check; run again on 2 workers x 2 in-process ps tasks, each
+    # worker's first call reached both ps tasks.
     assert partition["reach"] == {"checked_when_created": True, "failed_calls_per_worker": {"0": 0, "1": 0}}
 
 

@@ -1446,6 +1446,37 @@ def tracing_outside_schedule(strategy: tf.distribute.ParameterServerStrategy) ->
         extended._being_scheduled = previous
 
 
+def is_worker_failure(error: BaseException) -> bool:
+    """Whether ClusterCoordinator would treat `error` as the failure of a worker task.
+
+    Its own classification (``_is_worker_failure``): a connection error from a ``/job:worker``
+    task that is not relayed from a ps task. ClusterCoordinator re-runs a failed worker's steps.
+    """
+    from tensorflow.python.distribute.coordinator import cluster_coordinator
+
+    return bool(cluster_coordinator._is_worker_failure(error))
+
+
+def is_derived_cancellation(error: BaseException) -> bool:
+    """A ``CancelledError`` a remote task relays after one of its RPCs failed.
+
+    ClusterCoordinator ignores these (a transient worker-to-ps failure can surface this way) and
+    retries the step (``_WorkerFailureHandler.wait_on_failure``).
+    """
+    return isinstance(error, tf.errors.CancelledError) and "/job:" in str(error)
+
+
+@contextlib.contextmanager
+def synchronous_executor() -> Iterator[None]:
+    """Runs eager ops of this thread on a new synchronous executor, as each ClusterCoordinator
+    worker thread does, so that a failed remote call leaves no error in the thread's executor
+    (an asynchronous one would re-raise it on later ops)."""
+    from tensorflow.python.eager import context, executor
+
+    with context.executor_scope(executor.new_executor(enable_async=False)):
+        yield
+
+
 def failed_ps_tasks(error: BaseException) -> set[int] | None:
     """The ps task indices a coordinator error blames, or None when it is not a ps failure.
 

@@ -202,6 +202,8 @@ def get_strategy(
         TypeError: If `strategy` is neither a string nor a Strategy, or an option is unknown.
         ValueError: If the name is unknown (the message lists valid names and suggests the
             closest) or an option value is invalid.
+        ConnectionError: For a parameter-server strategy, if a worker cannot reach a ps task
+            within a minute of connecting.
 
     Example:
     >>> strategy = tfpar.get_strategy("mirrored", devices=["cpu:0", "cpu:1"])
@@ -270,7 +272,8 @@ def scope(
         The real ``tf.distribute.Strategy``.
 
     Raises:
-        TypeError, ValueError: As :func:`get_strategy`, and for an unknown `mixed_precision`.
+        TypeError, ValueError, ConnectionError: As :func:`get_strategy`, and for an unknown
+            `mixed_precision`.
         RuntimeError: If another strategy's scope is already open.
 
     Example:

@@ -146,6 +146,7 @@ def _fit_loop(
     if staleness is not None:
         staleness.reset()
 
+    progress.epoch = initial_epoch  # a ps failure while BackupAndRestore restores names it
     callbacks.on_train_begin()
     initial_epoch = compat.take_initial_epoch(model, initial_epoch)
     if initial_epoch > 0:  # resumed (BackupAndRestore) or told to start later: those epochs are done

@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 import tensorflow as tf
 
 from tfpar import _keras_compat as compat
+from tfpar.coordinator._callbacks import _first_line
 
 _log = logging.getLogger("tfpar.coordinator")
 
@@ -129,7 +130,3 @@ def _read_from(
                 ) from None
             time.sleep(_RETRY_SECONDS)
 
-
-def _first_line(error: tf.errors.OpError) -> str:
-    lines = [line.strip() for line in str(error.message or error).splitlines() if line.strip()]
-    return (lines[0] if lines else "(no message)")[:300]

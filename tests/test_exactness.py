@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 import tfpar
+import tfpar.testing
 from tfpar import _keras_compat
 
 ATOL = 1e-5
@@ -89,7 +90,9 @@ def test_upstream_mirrored_is_wrong_on_a_partial_last_batch(n):
     with _upstream_strategy(CPUS4).scope():
         upstream = _build()
     _fit(upstream, x, y)
-    assert _max_diff(reference, upstream) > 1e-3
+    drift = _max_diff(reference, upstream)
+    tfpar.testing.skip_unless_reproduced(drift > 1e-3, f"MirroredStrategy's partial-batch scaling (drift {drift:.2g})")
+    assert drift > 1e-3
 
 
 def test_tf_data_input_matches_single_device():
@@ -236,7 +239,12 @@ def test_upstream_cnn_crashes_on_empty_replicas():
         """
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
-    assert "UPSTREAM-WORKED" not in result.stdout and result.returncode != 0, result.stderr[-2000:]
+    # The crash comes from a oneDNN kernel and does not happen on every CPU (seen: not on an AVX2-only
+    # AMD EPYC); tfpar's guard is tested everywhere by the tests above.
+    tfpar.testing.skip_unless_reproduced(
+        "UPSTREAM-WORKED" not in result.stdout, "a CNN crashes on a replica with an empty batch"
+    )
+    assert result.returncode != 0, result.stderr[-2000:]
 
 
 def test_float64_models_train_exactly():

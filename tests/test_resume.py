@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import tfpar
+import tfpar.testing
 
 N = 101
 
@@ -76,7 +77,9 @@ def test_upstream_replays_the_interrupted_epoch(tmp_path):
     interrupted = _fit(tmp_path / "backup", at=(2, 2), strategy="default")
     assert interrupted is None
     resumed = _fit(tmp_path / "backup", strategy="default")
-    assert int(resumed.optimizer.iterations.numpy()) == int(reference.optimizer.iterations.numpy()) + 2
+    replayed = int(resumed.optimizer.iterations.numpy()) - int(reference.optimizer.iterations.numpy())
+    tfpar.testing.skip_unless_reproduced(replayed != 0, "BackupAndRestore replays the interrupted epoch's saved steps")
+    assert replayed == 2
 
 
 def test_models_tfpar_does_not_manage_keep_upstream_backup_behaviour(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 import tfpar
+import tfpar.testing
 from tfpar import _keras_compat
 
 
@@ -34,8 +35,12 @@ def test_upstream_mirrored_fails_with_steps_per_execution():
     with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
         model = _build(4)
     x, y = _data(100)
-    with pytest.raises(tf.errors.InvalidArgumentError, match="placeholder"):
+    try:
         model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    except tf.errors.InvalidArgumentError as error:
+        assert "placeholder" in str(error)
+    else:
+        tfpar.testing.skip_unless_reproduced(False, "steps_per_execution under MirroredStrategy (keras-team/keras#19246)")
 
 
 @pytest.mark.parametrize(("n", "steps"), [(100, 4), (101, 3), (64, 2), (97, 8)])

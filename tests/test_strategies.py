@@ -266,6 +266,9 @@ def test_upstream_fails_on_a_second_mirrored_strategy_with_another_pattern():
         """
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    tfpar.testing.skip_unless_reproduced(
+        "UPSTREAM-WORKED" not in result.stdout, "a second MirroredStrategy's collective instance shape mismatch"
+    )
     assert "UPSTREAM-FAILED InvalidArgumentError" in result.stdout, result.stdout + result.stderr[-2000:]
 
 

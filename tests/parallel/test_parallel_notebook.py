@@ -27,4 +27,5 @@ def test_model_parallel_notebook_executes():
         output.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs
     )
     assert "all on plan" in text and "same weight paths: True" in text
-    assert "max |output difference|: 0.0" in text
+    # Not a bitwise claim: the summation order differs per micro-batch size and per CPU.
+    assert "equal up to float32 round-off (< 1e-5): True" in text, text[-3000:]

@@ -9,6 +9,16 @@ each with its own ``TF_CONFIG`` on free 127.0.0.1 ports, streams their output wi
   (SIGTERM to each task's whole process group, a grace period, then SIGKILL), prints the failing
   task's last lines and returns that task's exit code (``128 + signal`` for a signal). No
   process is left behind.
+* No orphans, however the launcher ends: each task runs under a small guard process (the leader
+  of the task's session and process group; ``_GUARD_CODE``). When the launcher dies, even by
+  SIGKILL, the guard notices at once (its stdin, a pipe only the launcher writes to, reaches EOF;
+  and its parent pid changes, checked every second) and stops the task and everything it started
+  (SIGTERM, the grace period, SIGKILL). On Linux the guard is a child subreaper and also stops
+  descendants that left the process group (``setsid``, daemons), also when the task's main
+  process exits; the task's main process has ``PR_SET_PDEATHSIG=SIGKILL`` against its guard.
+  The guards use no thread-bound mechanism, so ``launch()`` may be called from any thread.
+  Measured on 2 cores: every task, server and child gone 0.1-0.3 s after a SIGKILL of the
+  launcher (before: still running after 60 s).
 * ``max_restarts=K`` restarts the whole cluster after a failure, up to K times, with fresh ports
   (so a port still held by a dying process cannot clash), so that a run using
   ``keras.callbacks.BackupAndRestore`` resumes. Children see ``TFPAR_LAUNCH_RESTART`` = the
@@ -30,15 +40,21 @@ Child environment: the parent's, plus `env`, plus ``TF_CONFIG``, ``TFPAR_LAUNCH_
 (``"worker:1"``), ``TFPAR_LAUNCH_RESTART`` and ``PYTHONUNBUFFERED=1`` (unless set). The current
 process's environment is never modified.
 
-Security: TensorFlow's gRPC servers have no authentication and always listen on every interface
-(``0.0.0.0``/``[::]``; TensorFlow takes only the port from the cluster spec). The launcher puts
-only 127.0.0.1 addresses in ``TF_CONFIG``, so the tasks talk over loopback, but by default their
-ports are reachable from other hosts unless a firewall blocks them. ``isolate_network=True``
-(``--isolate-network``, Linux) runs all tasks in a private network namespace that has only a
-loopback interface: the servers are then reachable by the cluster's own tasks and nothing else
-(and the tasks have no network access beyond loopback: no downloads, no remote storage). It uses
-an unprivileged user namespace (``unshare(CLONE_NEWUSER | CLONE_NEWNET)``) with the same uid/gid,
-so it needs no root, but some systems disable user namespaces.
+Network (loopback only, by default): TensorFlow's gRPC servers have no authentication and always
+listen on every interface (``0.0.0.0``/``[::]``; TensorFlow takes only the port from the cluster
+spec), so on the host network any machine that can reach this one could run graphs in the
+cluster. By default (``isolate_network=None``, ``--network auto``) the launcher therefore runs all
+tasks in a private network namespace whose only interface is loopback: the servers are reachable
+by the cluster's own tasks and nothing else, and the tasks have no network access beyond
+loopback (no downloads, no package index, no remote storage). The first output line says which
+mode is in force. Tasks that need the network opt out with ``--network host``
+(``isolate_network=False``). The namespace is a plain one where the process may make it (root
+with CAP_SYS_ADMIN: the tasks keep their privileges), else an unprivileged user namespace
+(``unshare(CLONE_NEWUSER | CLONE_NEWNET)``) with the same uid/gid. Where the kernel refuses both
+(user namespaces disabled by sysctl, AppArmor or a container's seccomp profile) or off Linux, the
+launch warns and uses the host network; ``isolate_network=True`` (``--network isolated``,
+``--isolate-network``) makes that an error instead. Before issue 12 the default was the host
+network.
 
 POSIX only (process groups, signals).
 
@@ -53,8 +69,10 @@ import argparse
 import collections
 import dataclasses
 import json
+import math
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,48 +92,227 @@ _POLL_SECONDS = 0.05
 _TAIL_LINES = 20
 _SERVE_CODE = "import sys; from tfpar.launch import serve; sys.exit(serve())"
 _CLONE_NEWUSER, _CLONE_NEWNET = 0x10000000, 0x40000000
+_NETWORK_MODES = ("auto", "isolated", "host")
+_USERNS_HINT = (
+    "Unprivileged user namespaces may be disabled (sysctl kernel.unprivileged_userns_clone=1, "
+    "user.max_user_namespaces > 0, kernel.apparmor_restrict_unprivileged_userns=0, or a "
+    "container's seccomp profile)."
+)
+# The interpreter flags of the launcher's helpers: no site, no PYTHON* variables (fast, and
+# independent of the task's environment, which the helpers pass on unchanged).
+_HELPER_FLAGS = ("-I", "-S")
 
-# Runs in a fresh (single-threaded) interpreter: makes a user + network namespace with the same
-# uid/gid, brings its loopback interface up, prints READY and lives until its stdin closes (the
-# launcher ends or dies). Tasks join its namespaces with _JOIN_CODE.
+# The holder of the private network namespace. Runs in a fresh (single-threaded) interpreter with
+# argv[1] = the launcher's pid: makes the network namespace (a plain one when the process may,
+# e.g. root with CAP_SYS_ADMIN, so the tasks keep their privileges on the host's files; otherwise
+# inside an unprivileged user namespace with the same uid/gid), brings its loopback interface up,
+# prints READY and lives until its stdin closes or its parent is no longer the launcher (the
+# launcher ended or died). Tasks join its namespaces (see _GUARD_CODE).
 _HOLDER_CODE = f"""
-import ctypes, fcntl, os, socket, struct, sys
+import ctypes, fcntl, os, select, socket, struct, sys
 libc = ctypes.CDLL(None, use_errno=True)
+launcher = int(sys.argv[1])
 uid, gid = os.geteuid(), os.getegid()
-if libc.unshare({_CLONE_NEWUSER} | {_CLONE_NEWNET}) != 0:
-    print("ERROR unshare(CLONE_NEWUSER | CLONE_NEWNET): " + os.strerror(ctypes.get_errno()), flush=True)
-    sys.exit(1)
+if libc.unshare({_CLONE_NEWNET}) != 0:
+    if libc.unshare({_CLONE_NEWUSER} | {_CLONE_NEWNET}) != 0:
+        print("ERROR unshare(CLONE_NEWUSER | CLONE_NEWNET): " + os.strerror(ctypes.get_errno()), flush=True)
+        sys.exit(1)
+    try:
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{{uid}} {{uid}} 1"), ("gid_map", f"{{gid}} {{gid}} 1")):
+            with open("/proc/self/" + name, "w") as handle:
+                handle.write(text)
+    except OSError as error:
+        print("ERROR mapping the user namespace: " + str(error), flush=True)
+        sys.exit(1)
 try:
-    for name, text in (("setgroups", "deny"), ("uid_map", f"{{uid}} {{uid}} 1"), ("gid_map", f"{{gid}} {{gid}} 1")):
-        with open("/proc/self/" + name, "w") as handle:
-            handle.write(text)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     request = struct.pack("16sh", b"lo", 0)
     flags = struct.unpack("16sh", fcntl.ioctl(sock, 0x8913, request))[1]  # SIOCGIFFLAGS
     fcntl.ioctl(sock, 0x8914, struct.pack("16sh", b"lo", flags | 1))  # SIOCSIFFLAGS: IFF_UP
 except OSError as error:
-    print("ERROR setting up the namespace: " + str(error), flush=True)
+    print("ERROR bringing up loopback in the namespace: " + str(error), flush=True)
     sys.exit(1)
 print("READY", flush=True)
-sys.stdin.read()
+while os.getppid() == launcher:
+    if select.select([0], [], [], 1.0)[0] and not os.read(0, 4096):
+        break
 """
 
-# Joins the holder's user and network namespaces (argv[1] = its pid), then execs the task.
-_JOIN_CODE = f"""
-import ctypes, os, sys
-libc = ctypes.CDLL(None, use_errno=True)
-for name, flag in (("user", {_CLONE_NEWUSER}), ("net", {_CLONE_NEWNET})):
-    fd = os.open("/proc/" + sys.argv[1] + "/ns/" + name, os.O_RDONLY)
-    if libc.setns(fd, flag) != 0:
-        sys.stderr.write("tfpar launch: cannot join the network namespace (" + name + "): "
-                         + os.strerror(ctypes.get_errno()) + "\\n")
-        os._exit(126)
-    os.close(fd)
-try:
-    os.execvp(sys.argv[2], sys.argv[2:])
-except OSError as error:
-    sys.stderr.write("tfpar launch: could not run " + repr(sys.argv[2:]) + ": " + str(error) + "\\n")
-    os._exit(127)
+# The guard: every task runs under one, in a fresh single-threaded interpreter, as the leader of
+# the task's own session and process group (which the launcher signals as a whole).
+# argv: LAUNCHER_PID GRACE HOLDER_PID|- COMMAND...; stdin: the "lifeline", a pipe whose write end
+# only the launcher holds.
+#
+# It forks the task's main process, which (Linux) joins the holder's namespaces, sets
+# PR_SET_PDEATHSIG=SIGKILL (the guard is single-threaded, so "parent thread" = the guard), checks
+# that the guard did not die before that, and execs COMMAND with stdin from /dev/null. The guard
+# then waits. When the main process exits, it stops what the task left behind (its process group
+# and, on Linux, every descendant: the guard is a child subreaper, so even processes that
+# started their own session come back to it) and exits with the main process's status (the same
+# signal when it was killed), so the launcher sees what the task did. When the launcher dies,
+# however it died (lifeline EOF, or the parent pid changed: SIGKILL, a crash, the OOM killer),
+# the guard stops the whole task: SIGTERM, GRACE seconds, SIGKILL. The guard ignores SIGTERM,
+# SIGINT and SIGHUP: the launcher signals the process group, so the task gets them itself.
+_GUARD_CODE = r"""
+import os, select, signal, sys, time
+launcher, grace, holder, command = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], sys.argv[4:]
+me, group = os.getpid(), os.getpgid(0)
+linux = sys.platform.startswith("linux")
+if linux:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+wake_r, wake_w = os.pipe()
+os.set_blocking(wake_w, False)
+signal.set_wakeup_fd(wake_w)
+for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+    signal.signal(signum, lambda *_: None)
+
+child = os.fork()
+if child == 0:
+    code = 127
+    try:
+        signal.set_wakeup_fd(-1)
+        for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGCHLD", "SIGPIPE", "SIGXFSZ"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), signal.SIG_DFL)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        if holder != "-":
+            code = 126
+            for name, flag in (("user", 0x10000000), ("net", 0x40000000)):
+                target = "/proc/" + holder + "/ns/" + name
+                if os.stat(target).st_ino == os.stat("/proc/self/ns/" + name).st_ino:
+                    continue  # already there (a plain network namespace needs no user namespace)
+                fd = os.open(target, os.O_RDONLY)
+                if libc.setns(fd, flag) != 0:
+                    raise OSError(ctypes.get_errno(), "cannot join the network namespace (" + name
+                                  + "): " + os.strerror(ctypes.get_errno()))
+                os.close(fd)
+            code = 127
+        if linux:
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+            if os.getppid() != me:
+                os._exit(137)  # the guard died before prctl took effect
+        os.execvp(command[0], command)
+    except BaseException as error:
+        try:
+            os.write(2, ("tfpar launch: could not run " + repr(command) + ": " + str(error) + "\n").encode())
+        finally:
+            os._exit(code)
+
+status = None
+
+
+def reap():
+    global status
+    while True:
+        try:
+            pid, wstatus = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        if pid == child:
+            status = wstatus
+
+
+def leftovers():
+    # Linux: the other members of the task's process group and all descendants of the guard.
+    table, kids = {}, {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open("/proc/" + name + "/stat", "rb") as handle:
+                    fields = handle.read().rsplit(b")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[0] not in (b"Z", b"X"):
+                table[int(name)] = int(fields[2])
+                kids.setdefault(int(fields[1]), []).append(int(name))
+    found = {pid for pid, pgid in table.items() if pgid == group}
+    todo, seen = [me], set()
+    while todo:
+        for pid in kids.get(todo.pop(), ()):
+            if pid not in seen:
+                seen.add(pid)
+                todo.append(pid)
+    return (found | seen) - {me}
+
+
+def send(pids, signum):
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except OSError:
+            pass
+
+
+def sleep(seconds):
+    if select.select([wake_r], [], [], seconds)[0]:
+        os.read(wake_r, 4096)
+
+
+def stop_everything():
+    # SIGTERM, up to `grace` seconds, then SIGKILL: the task's main process and all it started.
+    if not linux:
+        os.killpg(group, signal.SIGTERM)
+        end = time.monotonic() + grace
+        while status is None and time.monotonic() < end:
+            sleep(0.05)
+            reap()
+        os.killpg(group, signal.SIGKILL)  # this guard included
+    pids = leftovers()
+    if not pids:
+        return
+    send(pids, signal.SIGTERM)
+    end = time.monotonic() + grace
+    while pids and time.monotonic() < end:
+        sleep(0.05)
+        reap()
+        pids = leftovers()
+    send(pids, signal.SIGKILL)
+    end = time.monotonic() + 10
+    while pids and time.monotonic() < end:
+        sleep(0.02)
+        reap()
+        pids = leftovers()
+
+
+orphaned = False
+while True:
+    reap()
+    if status is not None:
+        break
+    if os.getppid() != launcher:
+        orphaned = True
+        break
+    ready = select.select([0, wake_r], [], [], 1.0)[0]
+    if wake_r in ready:
+        os.read(wake_r, 4096)
+    if 0 in ready and not os.read(0, 4096):
+        orphaned = True
+        break
+
+if orphaned:
+    stop_everything()
+    os._exit(1)
+if linux:
+    stop_everything()  # what the finished task left behind
+if os.WIFSIGNALED(status):
+    signum = os.WTERMSIG(status)
+    signal.set_wakeup_fd(-1)
+    try:
+        import resource
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # the task may have dumped; not us
+        signal.signal(signum, signal.SIG_DFL)
+    except (ImportError, OSError, ValueError):
+        pass
+    os.kill(me, signum)
+    time.sleep(1)
+    os._exit(128 + signum)
+os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
 """
 
 
@@ -156,7 +353,7 @@ def launch(
     env: Mapping[str, str] | None = None,
     output: TextIO | None = None,
     grace_period: float = 5.0,
-    isolate_network: bool = False,
+    isolate_network: bool | None = None,
 ) -> int:
     """Runs COMMAND as a local multi-process TensorFlow cluster and supervises it.
 
@@ -173,10 +370,16 @@ def launch(
         env: Extra environment variables for every task.
         output: Where prefixed output goes; None means ``sys.stdout`` at call time (a notebook
             cell's output when called from a notebook).
-        grace_period: Seconds between SIGTERM and SIGKILL when stopping tasks.
-        isolate_network: Run all tasks in a private network namespace with only a loopback
-            interface (Linux), so the unauthenticated TensorFlow servers are unreachable from
-            other hosts; the tasks then have no other network access either.
+        grace_period: Seconds between SIGTERM and SIGKILL when stopping tasks (also when the
+            launcher died: each task's guard then stops it the same way).
+        isolate_network: Where the tasks' network is. None (the default since issue 12; it was
+            False before): a private network namespace with only a loopback interface where
+            the kernel allows it (Linux), else the host network with a warning in the output.
+            True: the private namespace, or RuntimeError where it is unavailable. False: the
+            host network, where TensorFlow's unauthenticated servers listen on all interfaces
+            and are reachable from other hosts; pass it for tasks that need the network
+            (``pip install``, dataset downloads, remote storage), since isolated tasks reach
+            nothing but each other.
 
     Returns:
         0 when all tasks that must finish succeeded; otherwise the exit code of the task that
@@ -186,11 +389,13 @@ def launch(
         TypeError: If an argument has the wrong type (e.g. a command string instead of a list).
         ValueError: If an argument has a wrong value (e.g. ``workers=0``).
         RuntimeError: If called inside a task that this launcher started (no nested launches),
-            on a non-POSIX system, or when `isolate_network` is requested where user namespaces
-            are unavailable.
+            on a non-POSIX system, or when ``isolate_network=True`` is requested where network
+            namespaces are unavailable.
 
     Example:
-    >>> tfpar.launch([sys.executable, "train.py"], workers=2)
+    >>> tfpar.launch([sys.executable, "train.py"], workers=2)      # loopback only
+    0
+    >>> tfpar.launch([sys.executable, "fetch_and_train.py"], workers=2, isolate_network=False)
     0
     """
     command = _check_command(command)
@@ -199,14 +404,16 @@ def launch(
     _check_int("max_restarts", max_restarts, 0)
     if not isinstance(chief, bool):
         raise TypeError(f"Expected chief to be a bool. Received: chief={chief!r}")
-    if not isinstance(isolate_network, bool):
+    if isolate_network is not None and not isinstance(isolate_network, bool):
         raise TypeError(
-            f"Expected isolate_network to be a bool. Received: isolate_network={isolate_network!r}"
+            "Expected isolate_network to be None (isolate where possible), True or False. "
+            f"Received: isolate_network={isolate_network!r}"
         )
     if timeout is not None:
         _check_positive("timeout", timeout)
     _check_positive("grace_period", grace_period)
     extra_env = _check_env(env)
+    _check_program(command, extra_env)
     if os.name != "posix":
         raise RuntimeError(
             "tfpar launch needs POSIX process groups and signals. "
@@ -215,7 +422,8 @@ def launch(
     if isolate_network and not sys.platform.startswith("linux"):
         raise RuntimeError(
             "isolate_network=True uses Linux network namespaces. "
-            f"Received: platform={sys.platform!r}. Run without it, behind a firewall."
+            f"Received: platform={sys.platform!r}. Pass isolate_network=None (host network with "
+            "a warning) or False, and block the cluster's ports with a firewall."
         )
     if os.environ.get("TFPAR_LAUNCH_TASK"):
         raise RuntimeError(
@@ -267,8 +475,23 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 def _check_positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"Expected {name} to be a number of seconds. Received: {name}={value!r}")
-    if not value > 0:
-        raise ValueError(f"Expected {name} > 0 seconds. Received: {name}={value}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(
+            f"Expected {name} to be a finite number of seconds > 0. Received: {name}={value}"
+            + (". For no time limit pass timeout=None." if name == "timeout" else "")
+        )
+
+
+def _check_program(command: list[str], env: Mapping[str, str]) -> None:
+    """Fails before anything starts when COMMAND's program cannot be executed."""
+    path = env.get("PATH", os.environ.get("PATH", os.defpath))
+    if shutil.which(command[0], path=path) is None:
+        where = "" if os.path.dirname(command[0]) else " in PATH"
+        raise ValueError(
+            f"Could not find an executable program {command[0]!r}{where}. Check the command: it "
+            "must be an executable program with its arguments, e.g. [sys.executable, "
+            f"'train.py']. Received: command={command!r}"
+        )
 
 
 def _check_env(env: Any) -> dict[str, str]:
@@ -374,13 +597,15 @@ class _Launcher:
         env["TFPAR_LAUNCH_TASK"] = task.name
         env["TFPAR_LAUNCH_RESTART"] = str(self.restarts)
         argv = self.command if task.runs_command else [sys.executable, "-c", _SERVE_CODE]
-        if self.holder is not None:
-            argv = [sys.executable, "-c", _JOIN_CODE, str(self.holder.pid), *argv]
+        holder = "-" if self.holder is None else str(self.holder.pid)
+        guard = [sys.executable, *_HELPER_FLAGS, "-c", _GUARD_CODE, str(os.getpid()),
+                 repr(float(self.grace)), holder]
+        self._close_lifeline(task)
         try:
             task.process = subprocess.Popen(
-                argv,
+                [*guard, *argv],
                 env=env,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE,  # the guard's lifeline: EOF when this process is gone
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # own process group: stop the task with its children
@@ -428,37 +653,77 @@ class _Launcher:
         for task in self.tasks:
             if task.reader is not None:
                 task.reader.join(timeout=5)
+            self._close_lifeline(task)
         self.drain()
 
-    # -- supervision ------------------------------------------------------------------------
+    @staticmethod
+    def _close_lifeline(task: _Task) -> None:
+        if task.process is not None and task.process.stdin is not None:
+            try:
+                task.process.stdin.close()
+            except OSError:
+                pass
 
-    def start_namespace(self) -> None:
-        """Starts the process that holds the private network namespace the tasks join."""
+    # -- network ----------------------------------------------------------------------------
+
+    def setup_network(self) -> None:
+        """Starts the private network namespace, or says why the tasks use the host network."""
+        if self.isolate is False:
+            self.say(
+                "network: host (requested with --network host / isolate_network=False): "
+                "TensorFlow's unauthenticated servers listen on all interfaces, reachable from "
+                "other hosts unless a firewall blocks the cluster's ports"
+            )
+            return
+        problem = self.start_namespace()
+        if problem is None:
+            self.say(
+                f"network: isolated (loopback only, private network namespace; helper pid "
+                f"{self.holder.pid}); tasks that need the network: --network host"
+            )
+            return
+        if self.isolate:
+            raise RuntimeError(
+                f"isolate_network=True (--network isolated) could not create a private network "
+                f"namespace: {problem}. {_USERNS_HINT} Or pass --network host "
+                "(isolate_network=False) on a trusted network or behind a firewall."
+            )
+        self.say(
+            f"WARNING: network isolation is unavailable here ({problem}), so the tasks use the "
+            "host network, where TensorFlow's unauthenticated servers listen on all interfaces "
+            "and other hosts can reach the cluster's ports unless a firewall blocks them. "
+            f"{_USERNS_HINT} Pass --network host (isolate_network=False) to choose the host "
+            "network and silence this warning."
+        )
+        self.say("network: host (isolation unavailable)")
+
+    def start_namespace(self) -> str | None:
+        """Starts the process that holds the private network namespace the tasks join.
+
+        Returns:
+            None when the namespace is ready, else why it could not be made.
+        """
+        if not sys.platform.startswith("linux"):
+            return f"network namespaces need Linux; platform={sys.platform!r}"
         self.holder = subprocess.Popen(
-            [sys.executable, "-c", _HOLDER_CODE],
+            [sys.executable, *_HELPER_FLAGS, "-c", _HOLDER_CODE, str(os.getpid())],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         lines: queue.Queue = queue.Queue()
-        threading.Thread(
-            target=lambda: lines.put(self.holder.stdout.readline()), daemon=True
-        ).start()
+        holder = self.holder
+        threading.Thread(target=lambda: lines.put(holder.stdout.readline()), daemon=True).start()
         try:
             line = lines.get(timeout=30).decode(errors="replace").strip()
         except queue.Empty:
             line = "no answer within 30 s"
-        if line != "READY":
-            self.stop_namespace()
-            raise RuntimeError(
-                "isolate_network=True could not create a private network namespace: "
-                f"{line or 'the helper exited'}. User namespaces may be disabled here (see "
-                "sysctl kernel.unprivileged_userns_clone, user.max_user_namespaces, or "
-                "kernel.apparmor_restrict_unprivileged_userns). Run without isolate_network "
-                "on a trusted network or behind a firewall."
-            )
-        self.say(f"tasks run in a private network namespace (loopback only; helper pid {self.holder.pid})")
+        if line == "READY":
+            return None
+        self.stop_namespace()
+        line = line[len("ERROR ") :] if line.startswith("ERROR ") else line
+        return line or "the helper exited"
 
     def stop_namespace(self) -> None:
         if self.holder is None:
@@ -472,11 +737,12 @@ class _Launcher:
         self.holder.stdout.close()
         self.holder = None
 
+    # -- supervision ------------------------------------------------------------------------
+
     def run(self) -> int:
         handlers = self._install_signal_handlers()
         try:
-            if self.isolate:
-                self.start_namespace()
+            self.setup_network()
             while True:
                 self.tasks = self.layout()
                 layout = ", ".join(f"{t.name}={t.address}" for t in self.tasks)
@@ -559,6 +825,7 @@ class _Launcher:
             os.killpg(task.process.pid, signal.SIGKILL)  # leftovers of the old server, if any
         except (ProcessLookupError, PermissionError):
             pass
+        self._close_lifeline(task)
         self.start(task)
 
     def report(self, task: _Task) -> None:
@@ -567,6 +834,12 @@ class _Launcher:
             f"{task.name} failed with {_describe(task.exit_code)}; stopped the other tasks.\n"
             f"last {len(task.tail)} lines of {task.name}:\n{lines}"
         )
+        if self.holder is not None:
+            self.say(
+                "note: the tasks run without network access (network: isolated, loopback only); "
+                "if they need it (downloads, package index, remote storage), run with "
+                "--network host (isolate_network=False)"
+            )
 
     # -- the launcher's own signals ---------------------------------------------------------
 
@@ -681,9 +954,11 @@ def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0. Received: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0. Received: {text}")
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(
+            f"expected a finite number of seconds > 0, e.g. 60. Received: {text!r}"
+        )
     return value
 
 
@@ -708,7 +983,12 @@ def build_parser(prog: str = "tfpar launch") -> argparse.ArgumentParser:
             "  tfpar launch --workers 2 --ps 1 --chief -- python train.py  # parameter server:\n"
             "      the chief runs train.py as the coordinator, workers and ps run servers\n"
             "  tfpar launch --workers 2 --max-restarts 3 -- python train.py  # resume with\n"
-            "      BackupAndRestore after a failure"
+            "      BackupAndRestore after a failure\n"
+            "  tfpar launch --workers 2 --network host -- python download_and_train.py\n"
+            "      # tasks that need the network (by default they see only loopback)\n"
+            "\n"
+            "Tasks die within seconds of the launcher, however it ends (even SIGKILL): each runs\n"
+            "under a small guard process that stops it (SIGTERM, --grace-period, SIGKILL)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -724,10 +1004,15 @@ def build_parser(prog: str = "tfpar launch") -> argparse.ArgumentParser:
                         help="stop everything and exit 124 after S seconds (default: no limit)")
     parser.add_argument("--grace-period", type=_seconds, default=5.0, metavar="S",
                         help="seconds between SIGTERM and SIGKILL when stopping tasks (default 5)")
+    parser.add_argument("--network", choices=_NETWORK_MODES, default=None,
+                        help="auto (default): run the tasks in a private loopback-only network "
+                             "namespace where the kernel allows it (Linux), else on the host "
+                             "network with a warning; isolated: the private namespace or fail; "
+                             "host: the host network, for tasks that need it (downloads, remote "
+                             "storage), where TensorFlow's unauthenticated servers are reachable "
+                             "from other hosts")
     parser.add_argument("--isolate-network", action="store_true",
-                        help="run the tasks in a private loopback-only network namespace (Linux): "
-                             "the unauthenticated TensorFlow servers are unreachable from other "
-                             "hosts, and the tasks have no other network access")
+                        help="same as --network isolated (kept for compatibility)")
     parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
                         help="the program every COMMAND task runs, after --")
     return parser
@@ -764,6 +1049,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(
                 "expected a COMMAND after --, e.g. tfpar launch --workers 2 -- python train.py"
             )
+        if args.isolate_network and args.network not in (None, "isolated"):
+            parser.error(f"--isolate-network contradicts --network {args.network}; pass one of them")
+        network = "isolated" if args.isolate_network else (args.network or "auto")
     except SystemExit as exit_:
         return int(exit_.code) if isinstance(exit_.code, int) else 2
     try:
@@ -775,7 +1063,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_restarts=args.max_restarts,
             timeout=args.timeout,
             grace_period=args.grace_period,
-            isolate_network=args.isolate_network,
+            isolate_network={"auto": None, "isolated": True, "host": False}[network],
         )
     except (TypeError, ValueError) as error:
         print(f"tfpar launch: error: {error}", file=sys.stderr)

@@ -322,6 +322,53 @@ def test_a_finished_task_leaves_nothing_behind_not_even_children_in_their_own_se
     assert _still_alive_after(pids.values()) == [], out.getvalue()
 
 
+def _stop_while_running(tmp_path, tracked, term: dict[str, str]) -> tuple[dict[str, int], Path, str]:
+    """Runs a tree on worker:0, then makes worker:1 fail so the launcher stops worker:0 (its
+    normal stop: SIGTERM to the process group, the grace period, then SIGKILL)."""
+    import io
+    import threading
+
+    pid_dir, stop = tmp_path / "pids", tmp_path / "stop"
+    pid_dir.mkdir()
+    out, result = io.StringIO(), {}
+    env = {"TFPAR_TEST_TERM": term["tree"], "TFPAR_TEST_TERM_TASK": term["task"]}
+
+    def run() -> None:
+        result["code"] = launch_module.launch(
+            [PY, TASK, "tree", str(pid_dir), "fail-on", str(stop)], workers=2, output=out, timeout=120,
+            grace_period=1, env=env,
+        )
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        _wait_until(lambda: len(_pid_files(pid_dir)) == len(TREE_LABELS), "worker:0's tree")
+        tracked.add(_pid_files(pid_dir).values())
+    finally:
+        stop.touch()
+        thread.join(timeout=120)
+    assert result.get("code") == 1, out.getvalue()
+    pids = _pid_files(pid_dir)
+    tracked.add(pids.values())
+    return pids, pid_dir, out.getvalue()
+
+
+def test_a_normal_stop_also_kills_children_that_left_the_process_group_and_ignore_sigterm(tmp_path, tracked):
+    """The launcher's SIGKILL of the process group would kill the guard before it could act:
+    the launcher first asks each remaining guard to SIGKILL its whole tree."""
+    pids, _, text = _stop_while_running(tmp_path, tracked, {"tree": "ignore", "task": "ignore"})
+    assert _still_alive_after(pids.values()) == [], text
+
+
+def test_a_normal_stop_passes_sigterm_to_children_that_left_the_process_group(tmp_path, tracked):
+    """The task's own process ignores SIGTERM; its children that left the process group (which
+    the launcher's signal does not reach) get SIGTERM from the guard before the SIGKILL."""
+    pids, pid_dir, text = _stop_while_running(tmp_path, tracked, {"tree": "record", "task": "ignore"})
+    received = sorted(path.name[: -len(".term")].split(".", 1)[1] for path in pid_dir.glob("*.term"))
+    assert received == ["daemon", "own-session", "under-bash"], text
+    assert _still_alive_after(pids.values()) == [], text
+
+
 @pytest.mark.parametrize(
     "command, code, description",
     [

@@ -90,6 +90,7 @@ __all__ = ["EXIT_TIMEOUT", "build_parser", "launch", "main", "serve"]
 EXIT_TIMEOUT = 124
 _POLL_SECONDS = 0.05
 _TAIL_LINES = 20
+_GUARD_KILL_SECONDS = 5.0  # how long stop_all waits for the guards' own SIGKILL of their trees
 _SERVE_CODE = "import sys; from tfpar.launch import serve; sys.exit(serve())"
 _CLONE_NEWUSER, _CLONE_NEWNET = 0x10000000, 0x40000000
 _NETWORK_MODES = ("auto", "isolated", "host")
@@ -151,8 +152,11 @@ while os.getppid() == launcher:
 # started their own session come back to it) and exits with the main process's status (the same
 # signal when it was killed), so the launcher sees what the task did. When the launcher dies,
 # however it died (lifeline EOF, or the parent pid changed: SIGKILL, a crash, the OOM killer),
-# the guard stops the whole task: SIGTERM, GRACE seconds, SIGKILL. The guard ignores SIGTERM,
-# SIGINT and SIGHUP: the launcher signals the process group, so the task gets them itself.
+# the guard stops the whole task: SIGTERM, GRACE seconds, SIGKILL. SIGTERM, SIGINT and SIGHUP do
+# not stop the guard: the launcher signals the process group, so the task gets them itself, and
+# the guard passes them on to the descendants that left the group (Linux). SIGUSR1 (from the
+# launcher, to the guard only, before it SIGKILLs the group) makes the guard SIGKILL everything
+# it would stop, so nothing that left the group survives the guard's own death.
 _GUARD_CODE = r"""
 import os, select, signal, sys, time
 launcher, grace, holder, command = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], sys.argv[4:]
@@ -165,15 +169,17 @@ if linux:
 wake_r, wake_w = os.pipe()
 os.set_blocking(wake_w, False)
 signal.set_wakeup_fd(wake_w)
-for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-    signal.signal(signum, lambda *_: None)
+pending = []
+for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+    signal.signal(signum, lambda signum, frame: pending.append(signum))
+signal.signal(signal.SIGCHLD, lambda *_: None)
 
 child = os.fork()
 if child == 0:
     code = 127
     try:
         signal.set_wakeup_fd(-1)
-        for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGCHLD", "SIGPIPE", "SIGXFSZ"):
+        for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGCHLD", "SIGPIPE", "SIGXFSZ"):
             if hasattr(signal, name):
                 signal.signal(getattr(signal, name), signal.SIG_DFL)
         null = os.open(os.devnull, os.O_RDONLY)
@@ -218,8 +224,8 @@ def reap():
             status = wstatus
 
 
-def leftovers():
-    # Linux: the other members of the task's process group and all descendants of the guard.
+def tree():
+    # Linux: (the members of the task's process group, the descendants of the guard).
     table, kids = {}, {}
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -238,7 +244,12 @@ def leftovers():
             if pid not in seen:
                 seen.add(pid)
                 todo.append(pid)
-    return (found | seen) - {me}
+    return found, seen
+
+
+def leftovers():
+    members, descendants = tree()
+    return (members | descendants) - {me}
 
 
 def send(pids, signum):
@@ -252,6 +263,19 @@ def send(pids, signum):
 def sleep(seconds):
     if select.select([wake_r], [], [], seconds)[0]:
         os.read(wake_r, 4096)
+    handle_signals()
+
+
+def handle_signals():
+    while pending:
+        signum = pending.pop(0)
+        if signum == signal.SIGUSR1:  # the launcher is about to SIGKILL the group
+            if not linux:
+                os.killpg(group, signal.SIGKILL)
+            send(leftovers(), signal.SIGKILL)
+        elif linux:  # the group got it from the sender; pass it to what left the group
+            members, descendants = tree()
+            send(descendants - members - {me}, signum)
 
 
 def stop_everything():
@@ -291,6 +315,7 @@ while True:
     ready = select.select([0, wake_r], [], [], 1.0)[0]
     if wake_r in ready:
         os.read(wake_r, 4096)
+    handle_signals()
     if 0 in ready and not os.read(0, 4096):
         orphaned = True
         break
@@ -642,7 +667,18 @@ class _Launcher:
         ):
             self.drain()
             time.sleep(_POLL_SECONDS)
-        # Also catches grandchildren that outlive their task's main process.
+        # Guards still running SIGKILL their whole tree, what left the process group included
+        # (the SIGKILL of the group below would kill the guard before it could) ...
+        guards = [t.process for t in self.tasks if t.process is not None and t.process.poll() is None]
+        for guard in guards:
+            try:
+                guard.send_signal(signal.SIGUSR1)
+            except (ProcessLookupError, PermissionError):
+                pass
+        end = time.monotonic() + _GUARD_KILL_SECONDS
+        while time.monotonic() < end and any(guard.poll() is None for guard in guards):
+            time.sleep(_POLL_SECONDS)
+        # ... and this catches what is left: grandchildren that outlive their task's main process.
         self.signal_all(signal.SIGKILL)
         for task in self.tasks:
             if task.process is not None:

@@ -15,7 +15,12 @@ Modes:
               a child in its own session (setsid) and a double-forked daemon; every process
               (this one included) writes its pid to PID_DIR/<task>.<label>.pids; prints nothing
               after that and sleeps 600 s. With a third argument "exit", this task exits 0 as
-              soon as the tree is recorded (what it started stays behind).
+              soon as the tree is recorded (what it started stays behind). With "fail-on FILE",
+              worker:1 starts no tree: it waits for FILE (at most 120 s) and exits 1, so the
+              launcher stops the other tasks while they run.
+              TFPAR_TEST_TERM=ignore: every process of the tree ignores SIGTERM; =record: on
+              SIGTERM each writes PID_DIR/<task>.<label>.term and exits 0.
+              TFPAR_TEST_TERM_TASK: the same for this task's own process only.
   hold        (used by tree) PID_DIR LABEL [daemon]: write the pid and sleep 600 s; "daemon"
               forks, the parent exits at once and the child starts its own session first
   network     listen on this task's TF_CONFIG port on every interface ([::], dual stack, as
@@ -27,6 +32,7 @@ Modes:
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -42,6 +48,21 @@ def record_pids(pid_dir):
     with open(os.path.join(pid_dir, f"{name}.pids"), "w") as handle:
         handle.write(f"{os.getpid()} {grandchild.pid}\n")
     print(f"{name} started grandchild {grandchild.pid}", flush=True)
+
+
+def term_behaviour(pid_dir, label):
+    how = os.environ.get("TFPAR_TEST_TERM")
+    if label == "task":
+        how = os.environ.get("TFPAR_TEST_TERM_TASK", how)
+    if how == "ignore":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    elif how == "record":
+        def record(signum, frame):
+            with open(os.path.join(pid_dir, f"{name}.{label}.term"), "w") as handle:
+                handle.write("SIGTERM\n")
+            os._exit(0)
+
+        signal.signal(signal.SIGTERM, record)
 
 
 if mode == "report":
@@ -107,17 +128,25 @@ elif mode == "hold":
         if os.fork():
             os._exit(0)  # the parent exits: the daemon is an orphan
         os.setsid()
+    term_behaviour(pid_dir, label)
     with open(os.path.join(pid_dir, f"{name}.{label}.pids"), "w") as handle:
         handle.write(f"{os.getpid()}\n")
     time.sleep(600)
 elif mode == "tree":
     pid_dir = sys.argv[2]
+    if sys.argv[3:4] == ["fail-on"] and name == "worker:1":
+        deadline = time.monotonic() + 120
+        while not os.path.exists(sys.argv[4]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        print("worker:1 fails on request", flush=True)
+        sys.exit(1)
     me = [sys.executable, os.path.abspath(__file__), "hold", pid_dir]
-    bash = subprocess.Popen(["bash", "-c", f"{' '.join(me)} under-bash; true"])
+    bash = subprocess.Popen(["bash", "-c", f"{shlex.join(me)} under-bash; true"])
     subprocess.Popen([*me, "own-session"], start_new_session=True)
     subprocess.Popen([*me, "daemon", "daemon"]).wait()
     with open(os.path.join(pid_dir, f"{name}.bash.pids"), "w") as handle:
         handle.write(f"{bash.pid}\n")
+    term_behaviour(pid_dir, "task")
     with open(os.path.join(pid_dir, f"{name}.task.pids"), "w") as handle:
         handle.write(f"{os.getpid()}\n")
     if sys.argv[3:] == ["exit"]:

@@ -170,7 +170,7 @@ def test_tfrecord_errors(tmp_path):
         td.write_tfrecords({"a": np.arange(3), "b": np.arange(4)}, str(tmp_path), num_files=1)
     with open(tmp_path / "plain.tfrecord", "wb"):
         pass
-    with pytest.raises(ValueError, match="empty file"):
+    with pytest.raises(ValueError, match=r"plain.tfrecord': it is an empty TFRecord file \(no records\)"):
         td.read_tfrecords(str(tmp_path / "plain.tfrecord"), features="infer")
 
 
@@ -204,3 +204,129 @@ def test_read_dispatches_on_the_path(tmp_path, image_folder):
     os.makedirs(empty)
     with pytest.raises(ValueError, match="Found neither class sub-folders"):
         td.read(str(empty))
+
+
+# === undecodable files: named, or skipped and counted (on_error) ===
+
+
+@pytest.fixture
+def damaged_folder(image_folder):
+    """image_folder plus a non-image saved as .jpg (found up front) and a truncated PNG (lazily)."""
+    (image_folder / "dog" / "0.5.jpg").write_bytes(b"<!DOCTYPE html><title>404</title>")
+    whole = tf.io.encode_png(np.full((10, 12, 3), 7, np.uint8)).numpy()
+    (image_folder / "cat" / "5.png").write_bytes(whole[: len(whole) // 2])
+    return image_folder
+
+
+def test_a_non_image_is_named_up_front(damaged_folder):
+    with pytest.raises(ValueError, match=r"1 of 10 files are not readable images: '\S*dog/0.5.jpg' is not a "
+                                         r"JPEG, PNG, GIF, BMP, WebP or JPEG XL image \(it starts with b'<!DOCTYPE"):
+        td.read_images(str(damaged_folder))
+
+
+def test_a_truncated_image_is_named_when_read(damaged_folder):
+    os.remove(damaged_folder / "dog" / "0.5.jpg")
+    dataset = td.read_images(str(damaged_folder), image_size=(4, 4))
+    assert int(dataset.cardinality()) == 9  # known: every file decodes, or iteration fails
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"cannot decode the image file\] \[\S*cat/5.png\]"):
+        _pixel_and_label(dataset)
+
+
+def test_skip_leaves_undecodable_files_out_and_counts_them(damaged_folder, capfd):
+    with pytest.warns(UserWarning, match=r"skipped 1 of 10 files that are not readable images "
+                                         r"\(on_error='skip'\): '\S*dog/0.5.jpg'"):
+        dataset = td.read_images(str(damaged_folder), image_size=(4, 4), on_error="skip")
+    capfd.readouterr()
+    for _ in range(2):  # every pass reports what it skipped
+        assert _pixel_and_label(dataset) == [(0, 0), (1, 0), (2, 0), (9, 0), (10, 1), (11, 1), (12, 1), (19, 1)]
+        assert "tfpar.data.read_images: skipped 1 of 9 image files that could not be read or decoded" in (
+            capfd.readouterr().err)
+    assert int(dataset.cardinality()) == tf.data.UNKNOWN_CARDINALITY
+    # The files skipped up front are not part of the dataset's files (FILE sharding).
+    assert len(td.source_files(dataset)) == 9
+
+
+def test_skip_of_the_last_file_and_of_every_file(damaged_folder, capfd):
+    os.remove(damaged_folder / "dog" / "0.5.jpg")
+    only = damaged_folder / "only"
+    os.makedirs(only / "x")
+    os.rename(damaged_folder / "cat" / "5.png", only / "x" / "5.png")
+    assert _pixel_and_label(td.read_images(str(only), image_size=(4, 4), on_error="skip")) == []
+    assert "skipped 1 of 1 image files" in capfd.readouterr().err
+    (only / "x" / "bad.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"None of the 1 files is a readable image: '\S*bad.png' is empty"):
+        td.read_images([str(only / "x" / "bad.png")], on_error="skip")
+
+
+def test_every_supported_format_passes_the_header_check(tmp_path):
+    image = pytest.importorskip("PIL.Image")
+    pixels = np.full((6, 6, 3), 40, np.uint8)
+    os.makedirs(tmp_path / "c")
+    for fmt in ("PNG", "JPEG", "GIF", "BMP", "WEBP"):
+        image.fromarray(pixels).save(tmp_path / "c" / f"a.{fmt.lower()}", format=fmt)
+    os.rename(tmp_path / "c" / "a.webp", tmp_path / "c" / "webp-named.png")  # decode_image goes by content
+    os.rename(tmp_path / "c" / "a.png", tmp_path / "c" / "png-named.jpg")
+    dataset = td.read_images(str(tmp_path), image_size=(6, 6))
+    values = [float(x[0, 0, 0]) for x, _ in dataset.as_numpy_iterator()]
+    assert len(values) == 5 and all(abs(v - 40) < 3 for v in values)
+
+
+def test_file_shards_with_undecodable_files_name_them_too(damaged_folder):
+    os.remove(damaged_folder / "dog" / "0.5.jpg")
+    dataset = td.read_images(str(damaged_folder), image_size=(4, 4))
+    # cat/5.png is file 3 (from 0) in reading order: shard 1 of 2 holds files 1, 3, 5, 7.
+    assert _pixel_and_label(td.shard(dataset, 2, 0, policy="file")) == [(0, 0), (2, 0), (9, 0), (11, 1), (19, 1)]
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"cannot decode the image file\] \[\S*cat/5.png"):
+        _pixel_and_label(td.shard(dataset, 2, 1, policy="file"))
+
+
+# === files that are not what read() expects: named, with what was expected ===
+
+
+def test_read_names_files_that_are_not_tfrecords(tmp_path):
+    (tmp_path / "x.txt").write_text("name,value\n" * 50)
+    with pytest.raises(ValueError, match=r"'\S*x.txt' is not a TFRecord file: it does not start with a TFRecord "
+                                         r"record header \(it starts with b'name,value\\n"):
+        td.read(str(tmp_path / "x.txt"))
+    (tmp_path / "short.txt").write_text("hi")
+    with pytest.raises(ValueError, match=r"short.txt' is not a TFRecord file.*Expected an image folder"):
+        td.read(str(tmp_path / "short.txt"))
+    paths = td.write_tfrecords({"v": np.arange(3)}, str(tmp_path / "gz"), num_files=1, compression_type="GZIP")
+    with pytest.raises(ValueError, match=r"GZIP-compressed: pass compression_type='GZIP'"):
+        td.read(paths[0])
+    assert sum(1 for _ in td.read(paths[0], compression_type="GZIP")) == 3
+    with pytest.raises(ValueError, match=r"x.txt' is not a TFRecord file: it is not ZLIB-compressed"):
+        td.read_tfrecords(str(tmp_path / "x.txt"), compression_type="ZLIB")
+    # Every local file is checked, not only the first.
+    plain = td.write_tfrecords({"v": np.arange(3)}, str(tmp_path / "plain"), num_files=1)
+    with pytest.raises(ValueError, match=r"x.txt' is not a TFRecord file"):
+        td.read_tfrecords([plain[0], str(tmp_path / "x.txt")], features=None)
+    assert td.readers.source_kind(plain[0]) == "tfrecords"
+
+
+def test_read_names_numpy_files_it_cannot_load(tmp_path):
+    (tmp_path / "junk.npz").write_bytes(b"\x00\x01 not a zip" * 8)
+    with pytest.raises(ValueError, match=r"'\S*junk.npz' is not a .npz file \(a zip archive, starting with b'PK'\)"):
+        td.read(str(tmp_path / "junk.npz"))
+    (tmp_path / "junk.npy").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"junk.npy' is not a .npy file .*\(it is empty\)"):
+        td.read_numpy(str(tmp_path / "junk.npy"))
+    np.savez(tmp_path / "objects.npz", x=np.array([None, {}], dtype=object))
+    with pytest.raises(ValueError, match=r"objects.npz' holds object arrays .*allow_pickle=True"):
+        td.read(str(tmp_path / "objects.npz"))
+    np.savez(tmp_path / "good.npz", x=np.ones((3, 2)), y=np.arange(3))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "good.npz").read_bytes()[:60])
+    with pytest.raises(ValueError, match=r"Cannot read '\S*cut.npz' as a numpy file: .*truncated or damaged"):
+        td.read(str(tmp_path / "cut.npz"))
+
+
+def test_source_kind_checks_without_reading_data(tmp_path, image_folder):
+    assert td.readers.source_kind(str(image_folder)) == "images"
+    os.makedirs(tmp_path / "docs" / "a")
+    (tmp_path / "docs" / "a" / "readme.md").write_text("x")
+    with pytest.raises(ValueError, match=r"Found class sub-folders \['a'\] in \S*docs' but no image files"):
+        td.readers.source_kind(str(tmp_path / "docs"))
+    with pytest.raises(ValueError, match=r"Nothing matches .*Received: path='\S*none\*' \(not found\)"):
+        td.readers.source_kind(str(tmp_path / "none*"))
+    with pytest.raises(TypeError, match="Expected a path"):
+        td.readers.source_kind(3)

@@ -263,3 +263,21 @@ def test_augment_stays_per_example_when_vectorizing_would_change_it(case):
     if case == "keras-layer-with-seed-variable":
         # Per example the layer draws a new brightness for every image.
         assert len(np.unique(np.round(images.numpy()[:, 0, 0, 0], 5))) > 1
+
+
+def test_batched_input_is_refused_when_the_pipeline_batches(monkeypatch):
+    """As tfpar.data.distribute refuses it: batching a batched dataset makes batches of batches."""
+    batched = tf.data.Dataset.range(8).batch(2)
+    for dataset in (batched, batched.map(lambda x: x + 1).shuffle(4, seed=0).prefetch(1)):
+        with pytest.raises(ValueError, match=r"Expected unbatched examples: tfpar.data.pipeline\(batch_size=4\) "
+                                             r"batches them itself.*BatchDatasetV2.*\.unbatch\(\)"):
+            td.pipeline(dataset, batch_size=4)
+    assert td.pipeline(batched, cache=False).element_spec.shape.as_list() == [None]  # batch_size=None: kept
+    rebatched = td.pipeline(batched.unbatch(), batch_size=4, cache=False)
+    assert [b.tolist() for b in rebatched.as_numpy_iterator()] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    # (example, scalar label) cannot come from a batch: its graph (and embedded arrays) is not
+    # serialized to check.
+    from tfpar.data import _graph
+
+    monkeypatch.setattr(_graph, "graph_of", lambda dataset: pytest.fail("serialized an unbatched dataset"))
+    td.pipeline(_zeros(), batch_size=4)

@@ -41,6 +41,9 @@ shard_lib = importlib.import_module("tfpar.data.shard")
 logger = logging.getLogger(__name__)
 
 DatasetFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
+_DISTRIBUTE_BATCHES = (
+    "tfpar.data.distribute batches them itself, by global_batch_size // num_replicas_in_sync"
+)
 
 
 def pipeline(
@@ -59,6 +62,8 @@ def pipeline(
 
     Args:
         dataset: Unbatched examples, e.g. from :func:`tfpar.data.read_images` or a shard of it.
+            With ``batch_size=None`` it may be batched already (the pipeline then caches,
+            shuffles and prefetches your batches).
         batch_size: Examples per batch, or None to leave the examples unbatched.
         map_fn: Deterministic per-example preprocessing (decode, parse, resize), run in parallel
             before the cache, so it runs once.
@@ -88,7 +93,8 @@ def pipeline(
     Raises:
         TypeError: If an argument has the wrong type (e.g. `map_fn` not callable).
         ValueError: If `batch_size` / `shuffle` are not positive, the dataset is infinite and
-            cached, or ``deterministic=True`` shuffles without a seed.
+            cached, ``deterministic=True`` shuffles without a seed, or a `batch_size` is given for
+            a dataset that is already batched (as :func:`distribute` refuses it).
 
     Example:
     >>> ds = tfpar.data.read_images("/data/flowers", image_size=(64, 64))
@@ -98,6 +104,10 @@ def pipeline(
     shard_lib.check_dataset(dataset)
     _check_options(batch_size, map_fn, augment_fn, cache, shuffle, seed, drop_remainder,
                    deterministic)
+    if batch_size is not None:
+        _check_unbatched(dataset, f"tfpar.data.pipeline(batch_size={batch_size}) batches them "
+                                  "itself, so batched input would become batches of batches",
+                         keep="or pass batch_size=None to keep your batches")
     if cache is not False and int(dataset.cardinality()) == tf.data.INFINITE_CARDINALITY:
         raise ValueError(
             "Cannot cache an infinite dataset (the cache would never be complete). Fix: call "
@@ -186,7 +196,7 @@ def distribute(
     replicas = strategy.num_replicas_in_sync
     per_replica = per_replica_batch_size(int(global_batch_size), replicas)
     if isinstance(data, tf.data.Dataset):
-        _check_unbatched(data)
+        _check_unbatched(data, _DISTRIBUTE_BATCHES)
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         pipelines = context.num_input_pipelines
@@ -203,7 +213,7 @@ def distribute(
                     "Expected the dataset function to return a tf.data.Dataset. "
                     f"Received: {local!r} (of type {type(local).__name__})"
                 )
-            _check_unbatched(local)
+            _check_unbatched(local, _DISTRIBUTE_BATCHES)
         file_cache = cache
         if isinstance(cache, str) and cache != "memory":
             file_cache = f"{cache}-{context.input_pipeline_id}"
@@ -427,8 +437,39 @@ def _check_options(
         )
 
 
-def _check_unbatched(dataset: tf.data.Dataset) -> None:
-    """Refuses a dataset whose output comes straight from a batch op (tfpar batches itself)."""
+def _could_be_batched(spec: Any) -> bool:
+    """Whether an element spec is consistent with the output of a batch op.
+
+    A batch gives every component one more leading dimension, the same for all (None, or the
+    batch size with drop_remainder). A scalar component, or components whose leading dimensions
+    differ, cannot come from a batch, so the exact (graph) check is skipped: serializing a
+    dataset's graph copies the arrays embedded in it, which takes seconds for a large in-memory
+    dataset.
+    """
+    leaves = tf.nest.flatten(spec)
+    if not leaves:
+        return False
+    firsts = []
+    for leaf in leaves:
+        shape = getattr(leaf, "shape", None)
+        if shape is None or shape.rank is None:
+            return True  # unknown: let the graph decide
+        if shape.rank == 0:
+            return False
+        firsts.append(shape[0])
+    return all(first == firsts[0] for first in firsts)
+
+
+def _check_unbatched(dataset: tf.data.Dataset, why: str, keep: str = "") -> None:
+    """Refuses a dataset whose output comes straight from a batch op (tfpar batches itself).
+
+    Args:
+        dataset: The dataset to check.
+        why: Who batches and how, for the message.
+        keep: An extra way out for the "Fix:" part of the message.
+    """
+    if not _could_be_batched(dataset.element_spec):
+        return
     graph = _graph.graph_of(dataset)
     if graph is None:
         return
@@ -443,9 +484,9 @@ def _check_unbatched(dataset: tf.data.Dataset) -> None:
     while node is not None and hops < 64:
         if _graph.is_op(node.op, batches):
             raise ValueError(
-                "Expected unbatched examples: tfpar.data.distribute batches them itself, by "
-                "global_batch_size // num_replicas_in_sync. Received a dataset that ends with a "
-                f"{node.op} op. Fix: remove the .batch(...) (or .unbatch() it)."
+                f"Expected unbatched examples: {why}. Received a dataset that ends with a "
+                f"{node.op} op (element_spec={dataset.element_spec}). Fix: pass the dataset "
+                f"before its .batch(...), or call .unbatch() on it{', ' + keep if keep else ''}."
             )
         if not _graph.is_op(node.op, through) or not node.input:
             return

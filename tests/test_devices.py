@@ -84,16 +84,28 @@ def test_configure_too_late_explains_the_fix():
 @pytest.mark.parametrize(
     ("args", "error", "match"),
     [
-        ((0,), ValueError, "Expected `n` >= 1"),
+        ((0,), ValueError, r"Expected 1 <= n <= 64 virtual devices. Received: n=0"),
+        ((65,), ValueError, r"Expected 1 <= n <= 64 virtual devices. Received: n=65.*Fix: use at most 64"),
+        ((10_000,), ValueError, r"Received: n=10000"),
         (("4",), TypeError, "Expected `n` to be an int"),
+        ((2, "GPU"), ValueError, "no physical GPU"),
+        ((2, "GPU", 1.5), TypeError, r"memory_limit_mb=1.5 \(of type float\)"),
+        ((2, "GPU", float("nan")), TypeError, r"memory_limit_mb=nan"),
+        ((2, "GPU", 0), ValueError, r"memory_limit_mb` >= 1.*memory_limit_mb=0"),
         ((2, "tpu"), ValueError, "CPU or GPU"),
         ((2, "npu"), ValueError, "device_type to be one of"),
-        ((2, "GPU"), ValueError, "no physical GPU"),
     ],
 )
 def test_configure_validates(args, error, match):
     with pytest.raises(error, match=match):
-        tfpar.configure_virtual_devices(*args)
+        tfpar.configure_virtual_devices(*args[:2], **({"memory_limit_mb": args[2]} if len(args) > 2 else {}))
+
+
+def test_configure_accepts_up_to_the_documented_bound():
+    assert devices.MAX_VIRTUAL_DEVICES == 64
+    # 64 passes the checks and reaches TensorFlow, which is already initialized in this process.
+    with pytest.raises(RuntimeError, match=r"no longer be split into 64"):
+        tfpar.configure_virtual_devices(64)
 
 
 def test_configure_in_a_fresh_process_creates_devices():

@@ -20,6 +20,12 @@ from typing import Any
 import tensorflow as tf
 
 DEVICE_TYPES = ("CPU", "GPU", "TPU")
+#: Most logical devices :func:`configure_virtual_devices` makes from one physical device. Every
+#: virtual device is a replica under ``tfpar.scope("mirrored")``: it holds a copy of every variable
+#: and traces the training step once, so the first step's cost grows with the count (AlexNet at
+#: width 0.25 on 2 shared cores: about 4-5 s per replica, so 8 replicas take about 40 s). 64
+#: replicas already take minutes; more is almost certainly a typo.
+MAX_VIRTUAL_DEVICES = 64
 
 _DEVICE_RE = re.compile(
     r"^(?P<prefix>(/job:[^/]+)?(/replica:\d+)?(/task:\d+)?)"
@@ -168,18 +174,21 @@ def configure_virtual_devices(
     again with the same `n` is a no-op.
 
     Args:
-        n: Number of logical devices, at least 1.
+        n: Number of logical devices, from 1 to :data:`MAX_VIRTUAL_DEVICES` (64): each one is a
+            replica that copies every variable and traces the training step, so the first step
+            takes longer with every device added.
         device_type: ``"CPU"`` or ``"GPU"``.
-        memory_limit_mb: Memory per logical GPU (required by TensorFlow for GPUs; default 1024).
-            Ignored for CPUs.
+        memory_limit_mb: Memory per logical GPU in MiB, an int >= 1 (required by TensorFlow for
+            GPUs; default 1024). Ignored for CPUs.
 
     Returns:
         The canonical names of the logical devices of that type, e.g.
         ``["/device:CPU:0", ..., "/device:CPU:3"]``.
 
     Raises:
-        TypeError: If `n` is not an int.
-        ValueError: If `n` < 1, the type is unknown, or there is no such physical device.
+        TypeError: If `n` or `memory_limit_mb` is not an int.
+        ValueError: If `n` is not in 1..64, `memory_limit_mb` < 1, the type is unknown, or there
+            is no such physical device.
         RuntimeError: If TensorFlow already initialized with a different configuration; the message
             says to call this first (or restart the notebook kernel).
 
@@ -190,8 +199,26 @@ def configure_virtual_devices(
     """
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"Expected `n` to be an int. Received: n={n!r} (of type {type(n).__name__})")
-    if n < 1:
-        raise ValueError(f"Expected `n` >= 1. Received: n={n}")
+    if not 1 <= n <= MAX_VIRTUAL_DEVICES:
+        raise ValueError(
+            f"Expected 1 <= n <= {MAX_VIRTUAL_DEVICES} virtual devices. Received: n={n}. Every "
+            "virtual device is a replica that copies the model's variables and traces the "
+            "training step (about 4-5 s per replica for a small AlexNet on 2 CPU cores), and "
+            f"all of them share this machine's cores. Fix: use at most {MAX_VIRTUAL_DEVICES} "
+            "(2-8 are enough to test data parallelism)."
+        )
+    if memory_limit_mb is not None:
+        if isinstance(memory_limit_mb, bool) or not isinstance(memory_limit_mb, int):
+            raise TypeError(
+                "Expected `memory_limit_mb` to be an int (MiB per logical GPU) or None. "
+                f"Received: memory_limit_mb={memory_limit_mb!r} "
+                f"(of type {type(memory_limit_mb).__name__})"
+            )
+        if memory_limit_mb < 1:
+            raise ValueError(
+                "Expected `memory_limit_mb` >= 1 (MiB per logical GPU). "
+                f"Received: memory_limit_mb={memory_limit_mb}"
+            )
     kind = _check_type(device_type)
     if kind == "TPU":
         raise ValueError("Virtual devices can be made from CPU or GPU. Received: device_type='TPU'")

@@ -32,6 +32,19 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
+def _finite_number(name: str, value: Any, *, positive: bool) -> float:
+    """`value` as a float; TypeError unless it is a real number, ValueError if NaN, infinite or
+    not > 0 (`positive`) / >= 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"Expected `{name}` to be a number. Received: {name}={value!r} (of type {type(value).__name__})"
+        )
+    expected = "> 0, a finite positive number" if positive else ">= 0, a finite non-negative number"
+    if not math.isfinite(value) or (value <= 0 if positive else value < 0):
+        raise ValueError(f"Expected {name} {expected}. Received: {name}={value!r}")
+    return float(value)
+
+
 def global_batch_size(per_replica_batch_size: int, strategy: tf.distribute.Strategy | None = None) -> int:
     """Returns the global batch size for a per-replica batch size.
 
@@ -100,7 +113,9 @@ def scale_learning_rate(
         ``base * factor`` (linear) or ``base * sqrt(factor)`` (sqrt).
 
     Raises:
-        ValueError: For an unknown rule or a non-positive learning rate or factor.
+        TypeError: If the learning rate or factor is not a number.
+        ValueError: For an unknown rule, or a learning rate or factor that is not a finite
+            number > 0 (NaN and infinity included).
 
     Example:
     >>> tfpar.training.scale_learning_rate(0.1, factor=4)
@@ -110,19 +125,9 @@ def scale_learning_rate(
     """
     if rule not in LR_SCALING_RULES:
         raise ValueError(f"Expected rule to be one of {list(LR_SCALING_RULES)}. Received: rule={rule!r}")
-    if isinstance(base_learning_rate, bool) or not isinstance(base_learning_rate, numbers.Real):
-        raise TypeError(
-            "Expected base_learning_rate to be a number. "
-            f"Received: base_learning_rate={base_learning_rate!r} (of type {type(base_learning_rate).__name__})"
-        )
-    if base_learning_rate <= 0:
-        raise ValueError(
-            f"Expected base_learning_rate to be a positive number. Received: base_learning_rate={base_learning_rate!r}"
-        )
-    factor = float(_replicas(strategy) if factor is None else factor)
-    if factor <= 0:
-        raise ValueError(f"Expected factor > 0. Received: factor={factor}")
-    return float(base_learning_rate) * (factor if rule == "linear" else math.sqrt(factor))
+    base = _finite_number("base_learning_rate", base_learning_rate, positive=True)
+    factor = _finite_number("factor", _replicas(strategy) if factor is None else factor, positive=True)
+    return base * (factor if rule == "linear" else math.sqrt(factor))
 
 
 class LearningRateWarmup(keras.callbacks.Callback):
@@ -134,8 +139,13 @@ class LearningRateWarmup(keras.callbacks.Callback):
 
     Args:
         warmup_steps: Number of optimizer steps to reach the target (e.g. 5 epochs' worth).
-        target_learning_rate: The rate after warmup. Default: the optimizer's rate at train start.
-        initial_learning_rate: The rate at step 0. Default: ``target / 10``.
+        target_learning_rate: The rate after warmup, a finite number >= 0. Default: the
+            optimizer's rate at train start.
+        initial_learning_rate: The rate at step 0, a finite number >= 0. Default: ``target / 10``.
+
+    Raises:
+        TypeError: If `warmup_steps` is not an int or a rate is not a number.
+        ValueError: If `warmup_steps` < 1 or a rate is negative, NaN or infinite.
 
     Example:
     >>> lr = tfpar.training.scale_learning_rate(0.1)   # 0.1 x replicas
@@ -151,11 +161,14 @@ class LearningRateWarmup(keras.callbacks.Callback):
     ) -> None:
         super().__init__()
         self.warmup_steps = _positive_int("warmup_steps", warmup_steps)
-        for name, value in (("target_learning_rate", target_learning_rate), ("initial_learning_rate", initial_learning_rate)):
-            if value is not None and (not isinstance(value, (int, float)) or value < 0):
-                raise ValueError(f"Expected {name} to be a non-negative number. Received: {name}={value!r}")
-        self.target_learning_rate = target_learning_rate
-        self.initial_learning_rate = initial_learning_rate
+        self.target_learning_rate = (
+            None if target_learning_rate is None
+            else _finite_number("target_learning_rate", target_learning_rate, positive=False)
+        )
+        self.initial_learning_rate = (
+            None if initial_learning_rate is None
+            else _finite_number("initial_learning_rate", initial_learning_rate, positive=False)
+        )
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         optimizer = self.model.optimizer

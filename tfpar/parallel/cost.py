@@ -446,6 +446,10 @@ def format_bytes(n: float) -> str:
 def parse_bytes(value: Any, name: str = "memory_limits") -> float:
     """Bytes from a number or a string such as ``"16GB"``, ``"512 MiB"``.
 
+    Raises:
+        TypeError: If `value` is neither a number nor a string (a bool included).
+        ValueError: If the number is negative, NaN or infinite, or the string is not a size.
+
     Example:
     >>> tfpar.parallel.cost.parse_bytes("1.5 KiB")
     1536.0
@@ -469,4 +473,7 @@ def parse_bytes(value: Any, name: str = "memory_limits") -> float:
             f"Expected a memory size such as '16GB' or '512MiB' in {name} (units: B, KB, MB, GB, TB, "
             f"KiB, MiB, GiB, TiB). Received: {value!r}"
         )
-    return float(match.group(1)) * units[match.group(2) or "b"]
+    size = float(match.group(1)) * units[match.group(2) or "b"]
+    if not math.isfinite(size):  # e.g. "1e999GB" overflows to inf
+        raise ValueError(f"Expected a finite memory size in {name}. Received: {value!r}")
+    return size

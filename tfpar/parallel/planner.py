@@ -24,6 +24,21 @@ from tfpar.parallel import pipeline
 from tfpar.parallel import report
 
 
+class MemoryLimitError(ValueError):
+    """No split of the model over the devices fits their memory limits (a planning result).
+
+    The message says which stage overflows by how much. A ``ValueError``, as before; ``tfpar
+    plan`` tells it from a bad argument by this class (exit 1, not 2).
+
+    Example:
+    >>> try:
+    ...     tfpar.parallel.plan(model, 2, memory_limits="1MB")
+    ... except tfpar.parallel.planner.MemoryLimitError as error:
+    ...     print(error)
+    No split of model 'alexnet' over 2 devices fits memory_limits. ...
+    """
+
+
 class FrozenDict(dict):
     """A ``dict`` that cannot be changed: the plan's per-layer tables (JSON-serializable).
 
@@ -252,7 +267,8 @@ def plan(
     Raises:
         TypeError: If an argument has the wrong type.
         ValueError: If there are more devices than layers, a device does not exist, a layer name is
-            unknown, the counts do not add up, or no split fits the memory limits (the message says
+            unknown, the counts do not add up, or a number is NaN, infinite or out of range.
+        MemoryLimitError: (a ValueError) If no split fits the memory limits (the message says
             which stage overflows by how much).
 
     Example:
@@ -300,7 +316,7 @@ def plan(
         )
         label = balance
     if sizes is None or _overflows(sizes, memory_list, limits):
-        raise ValueError(_memory_message(graph.name, names, memory_list, limits, device_names, sizes))
+        raise MemoryLimitError(_memory_message(graph.name, names, memory_list, limits, device_names, sizes))
     m = _resolve_microbatches(microbatches, k, batch_size)
     stage_layers = _stage_layers(names, sizes)
     receives = _received_bytes(graph, stage_layers)
@@ -404,7 +420,10 @@ def _resolve_speeds(device_speeds: Sequence[float] | None, k: int) -> list[float
         if isinstance(s, bool) or not isinstance(s, (int, float, np.integer, np.floating)):
             raise TypeError(f"Expected numbers in device_speeds. Received: {s!r} (of type {type(s).__name__})")
         if not math.isfinite(float(s)) or s <= 0:
-            raise ValueError(f"Expected every device speed to be > 0. Received: device_speeds={list(device_speeds)}")
+            raise ValueError(
+                "Expected every device speed to be > 0, a finite number (relative speeds such as "
+                f"[1.0, 2.0]). Received: device_speeds={list(device_speeds)}"
+            )
     return [float(s) for s in device_speeds]
 
 

@@ -12,7 +12,15 @@ Example:
 
 from tfpar.models import registry
 from tfpar.models.alexnet import LocalResponseNormalization, alexnet
-from tfpar.models.registry import accepted_options, available, get, register, resnet50
+from tfpar.models.registry import (
+    accepted_options,
+    available,
+    check_input_shape,
+    get,
+    min_input_size,
+    register,
+    resnet50,
+)
 from tfpar.models.vgg import vgg, vgg11, vgg13, vgg16, vgg19
 
 # The built-in names. "vggN_bn" are the batch-normalized variants (torchvision's names).
@@ -28,7 +36,9 @@ __all__ = [
     "accepted_options",
     "alexnet",
     "available",
+    "check_input_shape",
     "get",
+    "min_input_size",
     "register",
     "resnet50",
     "vgg",

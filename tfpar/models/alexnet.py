@@ -60,6 +60,7 @@ def _ceil_pad(size: int) -> int:
 
 # The smallest height/width the layer sizes allow (55), derived from the table above.
 MIN_INPUT_SIZE = next(n for n in range(1, 1024) if _pool_inputs(n))
+_MIN_SIZE_REASON = "its stride-4 11x11 conv1 and three 3x3/2 max-pools"
 
 
 @keras.saving.register_keras_serializable(package="tfpar")
@@ -216,9 +217,7 @@ def alexnet(
             "('lrn' is the paper's local response normalization). "
             f"Received: normalization={normalization!r}"
         )
-    registry._check_min_size(
-        shape, MIN_INPUT_SIZE, "alexnet", "its stride-4 11x11 conv1 and three 3x3/2 max-pools"
-    )
+    registry._check_min_size(shape, MIN_INPUT_SIZE, "alexnet", _MIN_SIZE_REASON)
     heights, widths = _pool_inputs(shape[0]), _pool_inputs(shape[1])
 
     fmt = registry._DATA_FORMAT
@@ -262,3 +261,6 @@ def alexnet(
         dropout=dropout,
     )
     return keras.Model(inputs, outputs, name=name or "alexnet")
+
+
+registry._declare_min_input_size(alexnet, MIN_INPUT_SIZE, _MIN_SIZE_REASON)

@@ -28,6 +28,9 @@ _POOLINGS = (None, "avg", "max")
 
 # name -> (builder, preset options). Filled by tfpar/models/__init__.py through register().
 _BUILDERS: dict[str, tuple[Callable[..., keras.Model], dict[str, Any]]] = {}
+# builder -> (smallest image side it accepts, why). Each builder module declares its own, so that
+# an input size can be checked from a model *name* before anything is built (tfpar train / plan).
+_MIN_INPUT_SIZES: dict[Callable[..., Any], tuple[int, str]] = {}
 
 
 # === Option validation (shared by all builders; runs before any layer is built) ===
@@ -80,6 +83,11 @@ def _check_min_size(shape: tuple[int, int, int], min_size: int, model: str, reas
         f"{model} needs an input of at least {min_size}x{min_size} pixels ({reason}). "
         f"Received: input_shape={shape!r}. {hint}"
     )
+
+
+def _declare_min_input_size(builder: Callable[..., Any], size: int, reason: str) -> None:
+    """Records the smallest image side `builder` accepts (checked by :func:`check_input_shape`)."""
+    _MIN_INPUT_SIZES[builder] = (size, reason)
 
 
 def _check_common(
@@ -281,7 +289,7 @@ def resnet50(
         name=name,
         sync_batchnorm=sync_batchnorm,
     )
-    _check_min_size(shape, 32, "resnet50", "its five stride-2 stages")
+    _check_min_size(shape, _MIN_INPUT_SIZES[resnet50][0], "resnet50", _MIN_INPUT_SIZES[resnet50][1])
     data_format = keras.config.image_data_format()
     if data_format != _DATA_FORMAT:
         raise ValueError(
@@ -310,6 +318,9 @@ def resnet50(
 
     # Rebuilding from configs keeps every layer name; the unsynchronized original is discarded.
     return keras.models.clone_model(model, clone_function=synchronized)
+
+
+_declare_min_input_size(resnet50, 32, "its five stride-2 stages")
 
 
 # === Registry ===
@@ -407,6 +418,65 @@ def accepted_options(name: str) -> list[str]:
     """
     builder, preset = _BUILDERS[_lookup(name)]
     return [p for p in _parameters(builder) if p not in preset]
+
+
+def min_input_size(name: str) -> int | None:
+    """The smallest image side (height and width, in pixels) the model `name` accepts.
+
+    Args:
+        name: A registered model name.
+
+    Returns:
+        The minimum side, or None for a model registered without a declared minimum.
+
+    Raises:
+        TypeError: If `name` is not a string.
+        ValueError: If `name` is not registered (the error lists the available names).
+
+    Example:
+        >>> tfpar.models.min_input_size("alexnet"), tfpar.models.min_input_size("vgg16")
+        (55, 32)
+    """
+    builder, _ = _BUILDERS[_lookup(name)]
+    entry = _MIN_INPUT_SIZES.get(builder)
+    return None if entry is None else entry[0]
+
+
+def check_input_shape(name: str, input_shape: Any) -> tuple[int, ...]:
+    """Checks an input shape for the model `name` without building anything.
+
+    Runs the same checks, with the same messages, as the model's builder: three positive ints
+    (height, width, channels) at least :func:`min_input_size` pixels high and wide, with a hint
+    when the shape looks channels-first. Cheap and free of TensorFlow side effects, so
+    ``tfpar train`` / ``tfpar plan`` refuse a bad size before they build models or read data.
+
+    Args:
+        name: A registered model name.
+        input_shape: The shape to check, e.g. ``(64, 64, 3)``.
+
+    Returns:
+        The shape as a tuple of ints (unchecked for a model registered without a declared
+        minimum size).
+
+    Raises:
+        TypeError: If `name` is not a string or `input_shape` is not a tuple or list.
+        ValueError: If `name` is unknown, or the shape is malformed or too small.
+
+    Example:
+        >>> tfpar.models.check_input_shape("alexnet", (64, 64, 3))
+        (64, 64, 3)
+        >>> tfpar.models.check_input_shape("alexnet", (8, 8, 3))
+        Traceback (most recent call last):
+        ValueError: alexnet needs an input of at least 55x55 pixels ...
+    """
+    key = _lookup(name)
+    builder, _ = _BUILDERS[key]
+    entry = _MIN_INPUT_SIZES.get(builder)
+    if entry is None:
+        return tuple(input_shape)
+    shape = _check_input_shape(input_shape, key)
+    _check_min_size(shape, entry[0], key, entry[1])
+    return shape
 
 
 def get(name: str, **options: Any) -> keras.Model:

@@ -29,6 +29,7 @@ _FILTERS = (64, 128, 256, 512, 512)
 _FC_UNITS = 4096
 # Five 2x2 stride-2 max-pools: the smallest image that keeps a 1x1 map after block5_pool.
 MIN_INPUT_SIZE = 2 ** len(_FILTERS)
+_MIN_SIZE_REASON = f"its {len(_FILTERS)} 2x2 stride-2 max-pools"
 
 
 def vgg(
@@ -116,9 +117,7 @@ def vgg(
             f"{model}: expected `batch_norm` to be True or False. "
             f"Received: batch_norm={batch_norm!r} (of type {type(batch_norm).__name__})"
         )
-    registry._check_min_size(
-        shape, MIN_INPUT_SIZE, model, f"its {len(_FILTERS)} 2x2 stride-2 max-pools"
-    )
+    registry._check_min_size(shape, MIN_INPUT_SIZE, model, _MIN_SIZE_REASON)
 
     fmt = registry._DATA_FORMAT
     inputs = keras.Input(shape=shape, name="input")
@@ -246,3 +245,8 @@ def vgg19(
         >>> model = tfpar.models.vgg19(input_shape=(32, 32, 3), num_classes=10, width=0.25)
     """
     return vgg(19, input_shape, num_classes, batch_norm, **options)
+
+
+for _builder in (vgg, vgg11, vgg13, vgg16, vgg19):
+    registry._declare_min_input_size(_builder, MIN_INPUT_SIZE, _MIN_SIZE_REASON)
+del _builder

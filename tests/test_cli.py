@@ -9,7 +9,14 @@ import sys
 
 import pytest
 
-from tfpar import job
+from tfpar import cli, job
+
+
+def _never(name):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{name} ran before the bad argument was refused")
+
+    return refuse
 
 
 def _tfpar(*args, timeout=600, cwd=None):
@@ -53,12 +60,22 @@ def test_train_model_parallel(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "| 1     | /device:CPU:1 |" in result.stdout  # the plan table: stage 1 on the second device
     assert "replicas        1 (model split over 2 devices)" in result.stdout
-    bad = _tfpar("train", "--model-parallel", "2", "--strategy", "mirrored", timeout=120)
-    assert bad.returncode == 2 and "cannot be combined with --strategy mirrored (valid: auto, default)" in bad.stderr
-    lonely = _tfpar("train", "--microbatches", "4", timeout=120)
-    assert lonely.returncode == 2 and "add --model-parallel K" in lonely.stderr
-    ignored = _tfpar("train", "--strategy", "one_device", "--devices", "2", timeout=120)
-    assert ignored.returncode == 2 and "--strategy one_device does not take it" in ignored.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model-parallel", "2", "--strategy", "mirrored"],
+         "cannot be combined with --strategy mirrored (valid: auto, default)"),
+        (["--microbatches", "4"], "add --model-parallel K"),
+        (["--strategy", "one_device", "--devices", "2"], "--strategy one_device does not take it"),
+    ],
+)
+def test_train_refuses_combinations_in_process(capsys, monkeypatch, args, message):
+    monkeypatch.setattr(cli, "_configure_devices", _never("configuring devices"))
+    assert cli.main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tfpar train: error: ") and message in err and err.count("\n") == 1
 
 
 def test_plan_command(tmp_path):
@@ -67,10 +84,22 @@ def test_plan_command(tmp_path):
     assert "4 stages, balance='params'" in result.stdout and "fc1" in result.stdout
     over = _tfpar("plan", "alexnet", "--devices", "2", "--memory-limit", "100MB", timeout=300)
     assert over.returncode == 1 and "over by" in over.stderr
-    too_many = _tfpar("plan", "alexnet", "--devices", "50", timeout=300)
-    assert too_many.returncode == 2 and "tfpar plan: error:" in too_many.stderr
-    bad = _tfpar("plan", "alexnet", "--devices", "2", "--memory-limit", "lots", timeout=120)
-    assert bad.returncode == 2 and "expected a size such as 16GB" in bad.stderr
+
+
+def test_plan_errors_in_process(capsys):
+    # A plan that does not fit the memory limit is a result (exit 1, the per-stage table); a
+    # bad argument is a usage error (exit 2, one line).
+    assert cli.main(["plan", "alexnet", "--devices", "2", "--memory-limit", "1MB", "--input-shape", "64", "64", "3"]) == 1
+    over = capsys.readouterr().err
+    assert over.startswith("tfpar plan: error: No split of model 'alexnet'") and "over by" in over
+    assert cli.main(["plan", "alexnet", "--devices", "50", "--input-shape", "64", "64", "3"]) == 2
+    too_many = capsys.readouterr().err
+    assert too_many.startswith("tfpar plan: error: Expected at most 25 devices") and too_many.count("\n") == 1
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["plan", "alexnet", "--devices", "2", "--memory-limit", "lots"])
+    assert exit_.value.code == 2 and "expected a size such as 16GB" in capsys.readouterr().err
+    for limit in ("512MiB", "2.5GB", "1e9"):  # binary units and plain bytes parse too
+        assert cli._memory(limit) > 0
 
 
 def test_train_on_an_image_folder(tmp_path):
@@ -89,8 +118,18 @@ def test_train_on_an_image_folder(tmp_path):
                     "--batch-size", "16", "--output", str(tmp_path / "report"), "--quiet")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"{tmp_path / 'digits'} images 64x64x3" in result.stdout  # read as RGB, resized
-    missing = _tfpar("train", "--data", str(tmp_path / "nothing_here"), timeout=120)
-    assert missing.returncode == 2 and "received" in missing.stderr and "(not found)" in missing.stderr
+
+
+def test_train_data_errors_in_process(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for data, message in [
+        (tmp_path / "nothing_here", "nothing_here' (not found)"),
+        (tmp_path / "empty", "Found neither class sub-folders of images nor *.tfrecord files"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["train", "--data", str(data)])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "tfpar train: error: argument --data: " in err and message in err
 
 
 def test_train_below_min_accuracy_exits_1(tmp_path):
@@ -106,15 +145,19 @@ def test_train_below_min_accuracy_exits_1(tmp_path):
         (["train", "--model", "vgg99"], "invalid choice: 'vgg99' (choose from 'alexnet'"),
         (["train", "--strategy", "mirrord"], "invalid choice: 'mirrord' (choose from 'auto'"),
         (["train", "--epochs", "0"], "expected a positive integer, received '0'"),
+        (["train", "--lr", "nan"], "expected a finite positive number, received 'nan'"),
+        (["train", "--width", "inf"], "expected a finite positive number, received 'inf'"),
         (["train", "--mixed-precision", "fp8"], "choose from 'mixed_float16', 'mixed_bfloat16'"),
         (["fly"], "invalid choice: 'fly' (choose from 'train', 'plan', 'launch', 'doctor'"),
         ([], "the following arguments are required: COMMAND"),
     ],
 )
-def test_bad_arguments_exit_2_and_name_the_choices(args, message):
-    result = _tfpar(*args, timeout=120)
-    assert result.returncode == 2
-    assert message in result.stderr
+def test_bad_arguments_exit_2_and_name_the_choices(capsys, args, message):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 @pytest.mark.multiprocess
@@ -143,3 +186,18 @@ def test_train_config_validates():
         job.TrainConfig(epochs=0)
     with pytest.raises(ValueError, match="0 < test_fraction < 1"):
         job.TrainConfig(test_fraction=1.5)
+
+
+def test_train_says_what_it_does_before_the_slow_steps_of_many_replicas(tmp_path, monkeypatch):
+    """From job._MANY_REPLICAS replicas on (8), building and tracing are announced first."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "small.npz", x=rng.random((40, 8, 8, 1), np.float32), y=np.arange(40) % 2)
+    monkeypatch.setattr(job, "_MANY_REPLICAS", 1)  # the default strategy has 1 replica
+    lines = []
+    config = job.TrainConfig(model="vgg11", strategy="default", epochs=1, batch_size=20, width=0.125,
+                             data=str(tmp_path / "small.npz"), output_dir=str(tmp_path / "report"), verbose=0)
+    job.train(config, log=lines.append)
+    assert lines[0].startswith("tfpar: building vgg11 on 1 replicas (each holds a copy of every variable")
+    assert lines[2] == "tfpar: tracing the training step on 1 replicas before the first epoch starts"

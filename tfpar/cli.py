@@ -1,16 +1,43 @@
 """The ``tfpar`` command: ``train``, ``plan``, ``launch``, ``doctor`` (also ``python -m tfpar``).
 
-Bad arguments exit with status 2 and name the valid choices (argparse).
+Exit status: 0 on success; 1 for a result below a bar the user set (``--min-accuracy``, a plan
+that does not fit ``--memory-limit``, problems found by ``doctor``) and for a crash; 2 for a
+usage error. A usage error is reported the way argparse reports a bad argument: one line on
+stderr, ``tfpar <command>: error: <message>``, where the message names the value received, what
+is valid and the fix, and never a traceback (``--debug`` adds it).
+
+How a usage error is told from a bug. Catching every ValueError would hide bugs (TensorFlow and
+Keras raise ValueError for their own failures too), so the rule is *where* an error is raised,
+not only its type. Every handler runs in two phases:
+
+1. **Resolve**: the parsed arguments become validated objects (``tfpar.job.TrainConfig``, the
+   data source, the cluster from ``TF_CONFIG``, the model's input shape, the plan's options).
+   This phase only runs tfpar's validation of the user's input: it builds no model, reads no
+   data and has no TensorFlow side effect (devices are configured after it). Inside it, and only
+   inside it (``_user_input()``), ValueError, TypeError and FileNotFoundError are usage errors.
+2. **Run**: the work itself. An exception here is a bug or a failure of the environment and
+   keeps its traceback (exit 1), with one exception by design: :class:`tfpar.job.InputError`,
+   which ``tfpar.job.train`` raises for user input that can only be judged once it is read or
+   built (a training image that does not decode, named; more ``--model-parallel`` devices than
+   the model has layers). ``tfpar plan`` likewise treats the planner's refusals of its
+   arguments (``tfpar.parallel.plan`` checks them before planning) as usage errors, and its
+   "no split fits the memory limit" verdict as a result (exit 1).
+
+Both phases raise :class:`UsageError`; :func:`main` prints it and returns 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import math
 import os
 import re
 import sys
 import tempfile
-from collections.abc import Sequence
+import traceback
+from collections.abc import Iterator, Sequence
 
 # TensorFlow's start-up banner (oneDNN, CUDA stubs) is not for command-line users; they can set
 # TF_CPP_MIN_LOG_LEVEL themselves to see it.
@@ -46,10 +73,40 @@ def _import_tensorflow_quietly() -> None:
 
 _import_tensorflow_quietly()
 
-from tfpar import devices, job, launch, models, strategies  # noqa: E402
+from tfpar import cluster, devices, job, launch, models, strategies  # noqa: E402
 from tfpar.version import __version__  # noqa: E402
 
 DEFAULT_VIRTUAL_DEVICES = 2
+_MAX_SEED = 2**32 - 1
+
+
+class UsageError(Exception):
+    """A bad argument found after parsing; :func:`main` prints it as one line and returns 2.
+
+    Example:
+    >>> tfpar.cli.main(["train", "--image-size", "8"])
+    2
+    """
+
+
+@contextlib.contextmanager
+def _user_input() -> Iterator[None]:
+    """The resolve phase: tfpar's validation of the user's arguments (see the module docstring).
+
+    ValueError, TypeError and FileNotFoundError raised inside become a :class:`UsageError`.
+    """
+    try:
+        yield
+    except UsageError:
+        raise
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        raise UsageError(_one_line(error)) from error
+
+
+def _one_line(error: BaseException | str) -> str:
+    """A message on one line: its lines joined, a caret line (under a JSON snippet) dropped."""
+    lines = (line.strip() for line in str(error).splitlines())
+    return " ".join(line for line in lines if line and set(line) != {"^"})
 
 
 def _positive_int(text: str) -> int:
@@ -63,12 +120,23 @@ def _positive_int(text: str) -> int:
 
 
 def _positive_float(text: str) -> float:
+    """A finite number > 0 (``float()`` also parses "nan" and "inf", which are refused)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, received {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, received {text!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, received {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, received {text!r}") from None
+    if not 0 <= value <= _MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected a seed from 0 to {_MAX_SEED}, received {text!r}")
     return value
 
 
@@ -79,11 +147,19 @@ def _microbatches(text: str) -> int | str:
 def _data_source(text: str) -> str:
     import tensorflow as tf
 
-    if text == "digits" or tf.io.gfile.glob(text):
+    from tfpar.data import readers
+
+    if text == "digits":
         return text
-    raise argparse.ArgumentTypeError(
-        f"expected 'digits' or an existing image folder / TFRecord path / .npz file, received {text!r} (not found)"
-    )
+    if not tf.io.gfile.glob(text):
+        raise argparse.ArgumentTypeError(
+            f"expected 'digits' or an existing image folder / TFRecord path / .npz file, received {text!r} (not found)"
+        )
+    try:
+        readers.source_kind(text)  # the layout: class sub-folders with images, TFRecords, .npz
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(_one_line(error)) from None
+    return text
 
 
 def _fraction(text: str) -> float:
@@ -110,7 +186,8 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
                         help=f"one of: {', '.join(strategies.available_strategies())} (default: auto)")
     parser.add_argument("--devices", type=_positive_int, default=None,
                         help="replicas on this host: GPUs to use, or virtual CPUs to create when there "
-                             f"is no GPU (default: all GPUs, or {DEFAULT_VIRTUAL_DEVICES} virtual CPUs)")
+                             f"is no GPU (at most {devices.MAX_VIRTUAL_DEVICES}; default: all GPUs, or "
+                             f"{DEFAULT_VIRTUAL_DEVICES} virtual CPUs)")
     parser.add_argument("--epochs", type=_positive_int, default=job.TrainConfig.epochs)
     parser.add_argument("--batch-size", type=_positive_int, default=job.TrainConfig.batch_size,
                         help="global batch size over all replicas (default: %(default)s)")
@@ -121,7 +198,8 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--width", type=_positive_float, default=job.TrainConfig.width,
                         help="channel multiplier of AlexNet/VGG (default: %(default)s)")
     parser.add_argument("--image-size", type=_positive_int, default=None,
-                        help="side of the square input images (default: 64 for AlexNet, 32 otherwise)")
+                        help="side of the square input images, at least the model's minimum (AlexNet "
+                             "55, VGG and ResNet 32) (default: 64 for AlexNet, 32 otherwise)")
     parser.add_argument("--data", default="digits", type=_data_source, metavar="digits|PATH",
                         help="training data: the bundled UCI 'digits' (default), an image folder "
                              "(class sub-folders), TFRecords (x/y features) or a .npz file")
@@ -131,7 +209,7 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
                              "instead of data parallelism")
     parser.add_argument("--microbatches", type=_microbatches, default=1, metavar="M",
                         help="micro-batches per step of the split model: an integer or 'auto' (default: 1)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_seed, default=0, help="seed from 0 to 2**32 - 1 (default: 0)")
     parser.add_argument("--output", default=None, help="report directory (default: tfpar_runs/train-<time>)")
     parser.add_argument("--min-accuracy", type=_fraction, default=None,
                         help="exit with status 1 if the test accuracy is below this")
@@ -154,11 +232,6 @@ def _configure_devices(requested: int | None) -> None:
 _DEVICE_STRATEGIES = ("auto", "mirrored", "central_storage")
 
 
-def _usage_error(message: str) -> int:
-    print(f"tfpar train: error: {message}", file=sys.stderr)
-    return 2
-
-
 def _check_train_arguments(args: argparse.Namespace) -> str | None:
     """Combinations argparse cannot check; returns the error message, or None."""
     if args.model_parallel and args.strategy not in ("auto", "default"):
@@ -176,6 +249,35 @@ def _check_train_arguments(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _check_device_count(args: argparse.Namespace) -> None:
+    """Refuses more virtual CPUs than :data:`tfpar.devices.MAX_VIRTUAL_DEVICES`, before any are made."""
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        return  # GPUs: --devices is checked against the GPUs found (see _strategy_options)
+    for flag, value in (("--devices", args.devices), ("--model-parallel", args.model_parallel)):
+        if value is not None and value > devices.MAX_VIRTUAL_DEVICES:
+            raise UsageError(
+                f"{flag} {value}: this host has no GPU, so that many virtual CPU devices would be "
+                f"created; at most {devices.MAX_VIRTUAL_DEVICES} are allowed (every one is a replica "
+                "that copies the model and traces the training step: 8 take about 40 s for the "
+                "first step on 2 cores). Use 2-8 to test data parallelism."
+            )
+
+
+def _check_output(path: str | None) -> None:
+    """Refuses a report directory that cannot be created, before training rather than after."""
+    if path is None:
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"--output {path!r} is a file; expected a directory (new or existing)")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--output {path!r} cannot be created: {parent!r} is not a writable directory")
+
+
 def _strategy_options(args: argparse.Namespace) -> dict[str, object]:
     if args.model_parallel or args.devices is None or args.strategy not in _DEVICE_STRATEGIES:
         return {}
@@ -187,19 +289,10 @@ def _strategy_options(args: argparse.Namespace) -> dict[str, object]:
     return {"devices": available[: args.devices]}
 
 
-def _train(args: argparse.Namespace) -> int:
-    problem = _check_train_arguments(args)
-    if problem:
-        return _usage_error(problem)
-    _configure_devices(args.devices or args.model_parallel)
-    try:
-        options = _strategy_options(args)
-    except ValueError as error:
-        return _usage_error(str(error))
-    config = job.TrainConfig(
+def _train_config(args: argparse.Namespace) -> job.TrainConfig:
+    return job.TrainConfig(
         model=args.model,
         strategy=args.strategy,
-        strategy_options=options,
         epochs=args.epochs,
         batch_size=args.batch_size,
         learning_rate=args.lr,
@@ -214,7 +307,24 @@ def _train(args: argparse.Namespace) -> int:
         output_dir=args.output,
         verbose=2 if args.quiet or not sys.stdout.isatty() else 1,
     )
-    result = job.train(config)
+
+
+def _train(args: argparse.Namespace) -> int:
+    with _user_input():  # resolve: validation only, nothing built, TensorFlow untouched
+        problem = _check_train_arguments(args)
+        if problem:
+            raise UsageError(problem)
+        config = _train_config(args)
+        cluster.detect()  # a malformed TF_CONFIG (or Slurm variables) is the user's to fix
+        _check_device_count(args)
+        _check_output(args.output)
+    _configure_devices(args.devices or args.model_parallel)
+    with _user_input():
+        config = dataclasses.replace(config, strategy_options=_strategy_options(args))
+    try:
+        result = job.train(config)
+    except job.InputError as error:  # user input judged once read or built (see the docstring)
+        raise UsageError(_one_line(error)) from error
     print(
         "\n".join(
             [
@@ -239,15 +349,18 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _memory(text: str) -> float:
-    units = {"kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "b": 1.0}
-    lowered = text.strip().lower()
-    for unit, scale in units.items():
-        if lowered.endswith(unit):
-            try:
-                return float(lowered[: -len(unit)]) * scale
-            except ValueError:
-                break
-    raise argparse.ArgumentTypeError(f"expected a size such as 16GB or 512MB, received {text!r}")
+    from tfpar.parallel import cost
+
+    try:
+        value = cost.parse_bytes(text, name="--memory-limit")
+    except ValueError:
+        value = None
+    if value is None or value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a size such as 16GB or 512MB (units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), "
+            f"received {text!r}"
+        )
+    return value
 
 
 def _add_plan(subparsers: argparse._SubParsersAction) -> None:
@@ -274,7 +387,10 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
 def _plan(args: argparse.Namespace) -> int:
     from tfpar import parallel
 
-    options = {} if args.input_shape is None else {"input_shape": tuple(args.input_shape)}
+    with _user_input():  # resolve: the input shape is checked for the model before building it
+        options = {}
+        if args.input_shape is not None:
+            options["input_shape"] = models.check_input_shape(args.model, tuple(args.input_shape))
     model = models.get(args.model, **options)
     limits = None if args.memory_limit is None else [args.memory_limit] * args.devices
     try:
@@ -288,9 +404,11 @@ def _plan(args: argparse.Namespace) -> int:
             check_devices=False,
         )
     except ValueError as error:
-        print(f"tfpar plan: error: {error}", file=sys.stderr)
-        # An infeasible memory limit is a result (1); anything else is a bad argument (2).
-        return 1 if "memory_limits" in str(error) else 2
+        if isinstance(error, parallel.planner.MemoryLimitError):
+            # A result, not a usage error: the table of what overflows by how much (exit 1).
+            print(f"tfpar plan: error: {error}", file=sys.stderr)
+            return 1
+        raise UsageError(_one_line(error)) from error  # the planner's checks of its arguments
     print(plan.summary())
     return 0
 
@@ -319,23 +437,36 @@ def _doctor(args: argparse.Namespace) -> int:
     return 1 if report.problems else 0
 
 
+def _add_debug(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="show the traceback of a usage error too")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``tfpar`` argument parser."""
     parser = argparse.ArgumentParser(
         prog="tfpar", description="One-line, correct data and model parallelism for TensorFlow / Keras 3."
     )
     parser.add_argument("--version", action="version", version=f"tfpar {__version__}")
+    _add_debug(parser, False)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     _add_train(subparsers)
     _add_plan(subparsers)
     _add_launch(subparsers)
     _add_doctor(subparsers)
+    for name in ("train", "plan", "doctor"):  # `tfpar train ... --debug` works too
+        _add_debug(subparsers.choices[name], argparse.SUPPRESS)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tfpar`` console script.
+
+    Returns:
+        The exit status: 0 success, 1 a result below the user's bar or a crash, 2 a usage error
+        (printed as one line, ``tfpar <command>: error: ...``; ``--debug`` adds the traceback).
+        argparse's own errors exit 2 through ``SystemExit``.
 
     Example:
     >>> tfpar.cli.main(["train", "--epochs", "1"])
@@ -345,7 +476,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["launch"]:  # everything after `launch` belongs to the launcher's own parser
         return launch.main(argv[1:])
     args = build_parser().parse_args(argv)
-    return int(args.handler(args) or 0)
+    try:
+        return int(args.handler(args) or 0)
+    except UsageError as error:
+        if args.debug:
+            traceback.print_exception(error)
+        print(f"tfpar {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

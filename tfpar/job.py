@@ -11,9 +11,12 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import math
+import numbers
 import platform
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +30,43 @@ from tfpar.version import __version__
 OPTIMIZERS = ("adam", "sgd")
 # Image side used for each model family when the data is smaller (the digits are 8x8).
 _MIN_SIDE = {"alexnet": 64, "vgg": 32, "resnet": 32}
+# From this many replicas on, train() says what it is doing before the slow steps (building the
+# replicated model, tracing the step once per replica), so a long start is not silent.
+_MANY_REPLICAS = 8
+_MAX_SEED = 2**32 - 1  # numpy's seed range (keras.utils.set_random_seed seeds numpy)
+_VERBOSITY = (0, 1, 2)
+
+
+class InputError(ValueError):
+    """The user's input cannot be trained on, found only once :func:`train` reads or builds it.
+
+    :class:`TrainConfig` checks every option when it is made, before TensorFlow does anything.
+    What it cannot check without doing the work raises this: training data whose files do not
+    read or decode (the message names the file), or a model split the model does not allow
+    (more ``model_parallel`` devices than layers). A ``ValueError``, so ``except ValueError``
+    still catches it; ``tfpar train`` reports it as a usage error (exit status 2).
+
+    Example:
+    >>> try:
+    ...     tfpar.job.train(tfpar.job.TrainConfig(data="/data/with-a-corrupt-jpeg"))
+    ... except tfpar.job.InputError as error:
+    ...     print(error)
+    Cannot read the training data '/data/with-a-corrupt-jpeg': ...
+    """
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """What to train, and how.
+    """What to train, and how; every option is checked when the config is made.
+
+    The checks are cheap and have no TensorFlow side effect (they list folders and read a few
+    bytes of the data), so a bad option fails before devices are configured, data is read or a
+    model is built: numbers must be finite (no NaN or infinity), ``image_size`` at least the
+    model's minimum (``tfpar.models.min_input_size``), ``data`` a readable layout.
+
+    Raises:
+        TypeError: If an option has the wrong type (e.g. ``learning_rate="1e-3"``).
+        ValueError: If an option has a wrong value; the message names it and what is valid.
 
     Attributes:
         model: A name from ``tfpar.models.available()``.
@@ -39,21 +74,24 @@ class TrainConfig:
         strategy_options: Options for that strategy, e.g. ``{"devices": ["cpu:0", "cpu:1"]}``.
         epochs: Passes over the training split.
         batch_size: Global batch size (over all replicas).
-        learning_rate: Base learning rate for one replica; scaled for the replica count (linear
-            for SGD, square root for Adam) and warmed up over the first epoch when scaled.
+        learning_rate: Base learning rate for one replica, a finite number > 0; scaled for the
+            replica count (linear for SGD, square root for Adam) and warmed up over the first
+            epoch when scaled.
         optimizer: ``"adam"`` or ``"sgd"`` (with momentum 0.9).
         data: ``"digits"`` (bundled), or a path: an image folder in the
             ``keras.utils.image_dataset_from_directory`` layout, TFRecords (``x``/``y`` features,
             as ``tfpar.data.write_tfrecords`` writes) or a ``.npz`` with ``x`` and ``y``; read with
             ``tfpar.data.read`` into memory.
-        image_size: Side of the square images fed to the model; default depends on the model.
-        width: Channel multiplier for tfpar's AlexNet/VGG builders (small models train fast on CPU).
-        test_fraction: Held-out fraction for the test accuracy.
+        image_size: Side of the square images fed to the model, at least the model's minimum
+            (AlexNet 55, VGG and ResNet 32); default depends on the model.
+        width: Channel multiplier for tfpar's AlexNet/VGG builders (small models train fast on
+            CPU), a finite number > 0.
+        test_fraction: Held-out fraction for the test accuracy, in (0, 1).
         mixed_precision: ``"mixed_float16"``, ``"mixed_bfloat16"`` or None.
         model_parallel: Split the model's layers over this many devices (``tfpar.parallel``;
             optimal FLOPs balance), instead of data parallelism. None: no split.
         microbatches: Micro-batches per step of the split model (an int or ``"auto"``).
-        seed: Seed for the split, initialization and shuffling.
+        seed: Seed for the split, initialization and shuffling, from 0 to 2**32 - 1.
         output_dir: Where the report goes; default ``tfpar_runs/<timestamp>``.
         verbose: Keras verbosity (1 progress bar, 2 one line per epoch, 0 silent).
     """
@@ -77,26 +115,74 @@ class TrainConfig:
     verbose: int = 1
 
     def __post_init__(self) -> None:
+        """Checks every option before anything is built: cheap, and free of TensorFlow side
+        effects (it lists folders and reads a few bytes of the data), so it can run before
+        TensorFlow's devices are configured."""
+        from tfpar.data import readers
+        from tfpar.parallel import pipeline as pipeline_lib
+
+        min_side = models.min_input_size(self.model)  # also refuses an unknown model name
+        if self.strategy not in strategies.available_strategies():
+            raise ValueError(
+                f"Expected strategy to be one of {strategies.available_strategies()}. "
+                f"Received: strategy={self.strategy!r}"
+            )
+        if not isinstance(self.strategy_options, Mapping):
+            raise TypeError(
+                "Expected strategy_options to be a dict of options for the strategy. "
+                f"Received: strategy_options={self.strategy_options!r}"
+            )
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"Expected optimizer to be one of {list(OPTIMIZERS)}. Received: optimizer={self.optimizer!r}")
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Expected {name} to be a positive int. Received: {name}={value!r}")
+        for name in ("learning_rate", "width", "test_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(
+                    f"Expected {name} to be a number. Received: {name}={value!r} (of type {type(value).__name__})"
+                )
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"Expected {name} to be a finite number > 0. Received: {name}={value!r}")
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"Expected 0 < test_fraction < 1. Received: test_fraction={self.test_fraction!r}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"Expected learning_rate > 0. Received: learning_rate={self.learning_rate!r}")
-        if self.data != "digits" and not tf.io.gfile.glob(self.data):
+        if self.mixed_precision is not None and self.mixed_precision not in strategies.MIXED_PRECISION_POLICIES:
             raise ValueError(
-                "Expected data to be 'digits' or an existing image folder (class sub-folders), "
-                f"TFRecord file/glob/folder or .npz file. Received: data={self.data!r} (not found)"
+                f"Expected mixed_precision to be None or one of {list(strategies.MIXED_PRECISION_POLICIES)}. "
+                f"Received: mixed_precision={self.mixed_precision!r}"
             )
-        if self.image_size is not None and self.image_size < 8:
-            raise ValueError(f"Expected image_size >= 8. Received: image_size={self.image_size!r}")
+        if not isinstance(self.data, str):
+            raise TypeError(f"Expected data to be 'digits' or a path string. Received: data={self.data!r}")
+        if self.data != "digits":
+            readers.source_kind(self.data)  # names the path and what was expected
+        if self.image_size is not None:
+            if isinstance(self.image_size, bool) or not isinstance(self.image_size, int):
+                raise TypeError(
+                    f"Expected image_size to be an int (pixels) or None. Received: image_size={self.image_size!r}"
+                )
+            if min_side is not None and self.image_size < min_side:
+                raise ValueError(
+                    f"Expected image_size >= {min_side}: the smallest input {self.model} accepts. "
+                    f"Received: image_size={self.image_size}. Fix: use {min_side} or more, or "
+                    "leave it unset for the model's default."
+                )
+            if self.image_size < 1:
+                raise ValueError(f"Expected image_size >= 1. Received: image_size={self.image_size}")
+        for name, value, low, high in (("seed", self.seed, 0, _MAX_SEED),
+                                       ("model_parallel", self.model_parallel, 1, None)):
+            if value is None and name == "model_parallel":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"Expected {name} to be an int. Received: {name}={value!r} (of type {type(value).__name__})")
+            if value < low or (high is not None and value > high):
+                valid = f"{low} <= {name} <= {high}" if high is not None else f"{name} >= {low}"
+                raise ValueError(f"Expected {valid}. Received: {name}={value}")
+        pipeline_lib.check_microbatches(self.microbatches)
+        if self.verbose not in _VERBOSITY or isinstance(self.verbose, bool):
+            raise ValueError(f"Expected verbose to be one of {list(_VERBOSITY)}. Received: verbose={self.verbose!r}")
         if self.model_parallel is not None:
-            if self.model_parallel < 1:
-                raise ValueError(f"Expected model_parallel >= 1. Received: model_parallel={self.model_parallel!r}")
             if self.strategy not in ("auto", "default"):
                 raise ValueError(
                     "model_parallel splits one model replica over several devices and runs under "
@@ -133,8 +219,20 @@ def _read_path(path: str, side: int) -> tuple[np.ndarray, np.ndarray]:
 
     options = {"image_size": (side, side)} if tf.io.gfile.isdir(path) and _has_subfolders(path) else {}
     dataset = data.read(path, **options)
-    if isinstance(dataset.element_spec, dict):
+    spec = dataset.element_spec
+    if isinstance(spec, dict):
+        if not {"x", "y"} <= set(spec):
+            raise ValueError(
+                f"Expected TFRecords with features 'x' (image) and 'y' (label), as "
+                f"tfpar.data.write_tfrecords({{'x': images, 'y': labels}}, ...) writes. "
+                f"Received: features {sorted(spec)} in data={path!r}"
+            )
         dataset = dataset.map(lambda example: (example["x"], example["y"]))
+    elif not (isinstance(spec, tuple) and len(spec) == 2):
+        raise ValueError(
+            "Expected (image, label) pairs: a .npz with arrays 'x' and 'y', TFRecords with "
+            f"features 'x' and 'y', or an image folder. Received: elements {spec} in data={path!r}"
+        )
     images, labels = [], []
     for image, label in dataset.as_numpy_iterator():
         images.append(image)
@@ -153,18 +251,38 @@ def _has_subfolders(path: str) -> bool:
 
 
 def load_data(config: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Returns ``(x_train, y_train, x_test, y_test)`` as float32 images in [0, 1] and int labels."""
+    """Returns ``(x_train, y_train, x_test, y_test)`` as float32 images in [0, 1] and int labels.
+
+    Raises:
+        InputError: If the data cannot be read: a file that does not decode or parse (the
+            message names it), or elements that are not (image, label) pairs.
+    """
     side = config.image_size or _MIN_SIDE[_family(config.model)]
     if config.data == "digits":
         images, labels = datasets.load_digits()
         images = images / 16.0
     else:
-        images, labels = _read_path(config.data, side)
+        try:
+            images, labels = _read_path(config.data, side)
+        except (ValueError, tf.errors.InvalidArgumentError, tf.errors.DataLossError,
+                tf.errors.NotFoundError, tf.errors.PermissionDeniedError) as error:
+            raise InputError(f"Cannot read the training data {config.data!r}: {_reason(error)}") from error
     order = np.random.default_rng(config.seed).permutation(len(labels))
     images, labels = images[order], labels[order]
     images = tf.image.resize(images, (side, side)).numpy().astype("float32")
     n_test = max(1, int(round(len(labels) * config.test_fraction)))
     return images[n_test:], labels[n_test:], images[:n_test], labels[:n_test]
+
+
+def _reason(error: Exception) -> str:
+    """The user-facing part of an error: TensorFlow's op errors carry a function-node prefix,
+    and a failed ``tf.debugging.Assert`` prints its data as ``[...] [...]``."""
+    text = getattr(error, "message", None) or str(error)
+    text = re.sub(r"\{\{[^}]*\}\}\s*", "", text).strip()
+    if "assertion failed: " in text:
+        text = text.split("assertion failed: ", 1)[1].split("\n", 1)[0].strip()
+        text = " ".join(re.findall(r"\[(.*?)\](?=\s*\[|\s*$)", text)) or text
+    return text.split("\n", 1)[0].strip().replace("\\'", "'").replace('\\"', '"')
 
 
 def _family(model: str) -> str:
@@ -196,6 +314,9 @@ def train(config: TrainConfig | None = None, *, log: Callable[[str], None] = pri
     Returns:
         A :class:`TrainResult`.
 
+    Raises:
+        InputError: If the data cannot be read, or the model cannot be split as configured.
+
     Example:
     >>> result = tfpar.job.train(tfpar.job.TrainConfig(epochs=2))
     >>> result.test_accuracy
@@ -210,14 +331,25 @@ def train(config: TrainConfig | None = None, *, log: Callable[[str], None] = pri
     num_classes = int(y_train.max()) + 1
     with strategies.scope(strategy, mixed_precision=config.mixed_precision):
         replicas = strategy.num_replicas_in_sync
+        if replicas >= _MANY_REPLICAS:
+            log(
+                f"tfpar: building {config.model} on {replicas} replicas (each holds a copy of "
+                "every variable; the training step is traced once per replica at the first step)"
+            )
         model = build_model(config, x_train.shape[1:], num_classes)
         placement = ""
         if config.model_parallel:
             from tfpar import parallel
 
-            model = parallel.split(
-                model, config.model_parallel, config.microbatches, batch_size=config.batch_size
-            )
+            try:
+                model = parallel.split(
+                    model, config.model_parallel, config.microbatches, batch_size=config.batch_size
+                )
+            except ValueError as error:  # the plan's checks of model_parallel / microbatches
+                raise InputError(
+                    f"Cannot split {config.model} over model_parallel={config.model_parallel} "
+                    f"devices: {error}"
+                ) from error
             placement = (
                 f", split over {config.model_parallel} devices in {model.microbatches} "
                 f"micro-batch(es):\n{model.plan.summary()}"
@@ -237,6 +369,8 @@ def train(config: TrainConfig | None = None, *, log: Callable[[str], None] = pri
         f"{strategies.strategy_name(strategy)} with {replicas} replica(s), global batch {config.batch_size}, "
         f"learning rate {learning_rate:.3g}{placement}"
     )
+    if replicas >= _MANY_REPLICAS:
+        log(f"tfpar: tracing the training step on {replicas} replicas before the first epoch starts")
     callbacks: list[keras.callbacks.Callback] = [training.Throughput(config.batch_size)]
     if replicas > 1:
         steps_per_epoch = -(-len(y_train) // config.batch_size)

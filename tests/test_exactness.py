@@ -1,7 +1,7 @@
 """Data-parallel training reproduces single-device training, for every batch layout.
 
 Each case shows the upstream failure (a plain tf.distribute.MirroredStrategy, which tfpar does not
-touch) next to tfpar's result. See interception 1 in tfpar/_keras_compat.py.
+touch) next to tfpar's result. See the exact-gradients interception (tfpar/_compat/exact_gradients.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import tensorflow as tf
 
 import tfpar
 import tfpar.testing
-from tfpar import _keras_compat
+from tfpar import _compat
 
 ATOL = 1e-5
 
@@ -49,9 +49,9 @@ def _fit(model, x, y, epochs=2):
 
 
 def _upstream_strategy(devices):
-    _keras_compat.bump_collective_key_base()  # keep upstream's own strategy from clashing with ours
+    _compat.bump_collective_key_base()  # keep upstream's own strategy from clashing with ours
     strategy = tf.distribute.MirroredStrategy(devices)
-    assert not _keras_compat.is_managed(strategy)
+    assert not _compat.is_managed(strategy)
     return strategy
 
 
@@ -185,7 +185,7 @@ def _cnn(*, upstream_strategy=None):
 
 def test_cnn_with_empty_replicas_matches_single_device():
     """98 examples, batch 32, 4 replicas: the last batch (2) leaves two replicas empty. TF's
-    oneDNN conv/max-pool kernels break on empty batches; tfpar routes them around (interception 9)."""
+    oneDNN conv/max-pool kernels break on empty batches; tfpar routes them around (the empty-batches interception)."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(98, 64, 64, 3)).astype("float32")
     y = rng.integers(0, 4, 98)

@@ -1,6 +1,6 @@
 """Multi-worker fault tolerance with Keras 3 callbacks: chief-only files, kill-and-resume,
-preemption (SIGTERM) with an agreed save step, all resuming exactly (interceptions 6-8 in
-tfpar/_keras_compat.py). Real 2-worker clusters on 127.0.0.1 started by tfpar.launch."""
+preemption (SIGTERM) with an agreed save step, all resuming exactly (the chief-only-files,
+exact-resume and shared-shuffle interceptions in tfpar/_compat/). Real 2-worker clusters on 127.0.0.1 started by tfpar.launch."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Keras 3 fit/evaluate/predict under tfpar.scope("multi_worker"): real 2-worker clusters on
-127.0.0.1 started by tfpar.launch (interceptions 3, 4 and 5 in tfpar/_keras_compat.py)."""
+127.0.0.1 started by tfpar.launch (the replica-build, multi-worker-logs and shared-shuffle interceptions
+in tfpar/_compat/)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Keras 3 fit / evaluate / predict under tfpar's parameter_server strategy (tfpar/coordinator/
-and interceptions 11-14 in tfpar/_keras_compat.py).
+and its interceptions ps-loops, atomic-counters, sharded-variables and coordinator-shutdown in
+tfpar/coordinator/_patches.py).
 
 * Argument checks run here (they happen before any TensorFlow side effect).
 * In-process clusters (tfpar.local_cluster) run in a child process per scenario

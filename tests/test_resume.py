@@ -1,5 +1,5 @@
 """BackupAndRestore under a tfpar strategy resumes exactly, also after a mid-epoch save
-(interception 7 in tfpar/_keras_compat.py); one process, 2 virtual CPUs."""
+(the exact-resume interception, tfpar/_compat/resume.py); one process, 2 virtual CPUs."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """compile(steps_per_execution=k > 1) under MirroredStrategy: fails upstream, works and stays exact
-under tfpar (interception 2 in tfpar/_keras_compat.py; keras-team/keras#19246)."""
+under tfpar (the step-function interception, tfpar/_compat/step_function.py; keras-team/keras#19246)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import tensorflow as tf
 
 import tfpar
 import tfpar.testing
-from tfpar import _keras_compat
+from tfpar import _compat
 
 
 def _build(steps_per_execution):
@@ -31,7 +31,7 @@ def _data(n):
 
 
 def test_upstream_mirrored_fails_with_steps_per_execution():
-    _keras_compat.bump_collective_key_base()
+    _compat.bump_collective_key_base()
     with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
         model = _build(4)
     x, y = _data(100)

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 import tfpar
-from tfpar import _keras_compat, strategies
+from tfpar import _compat, strategies
 
 
 @pytest.fixture
@@ -46,7 +46,7 @@ def test_get_strategy_returns_real_strategies(name, cls, replicas):
     strategy = tfpar.get_strategy(name)
     assert isinstance(strategy, cls)
     assert strategy.num_replicas_in_sync == replicas
-    assert _keras_compat.is_managed(strategy)
+    assert _compat.is_managed(strategy)
 
 
 def test_default_is_tensorflows_default_strategy():
@@ -129,7 +129,7 @@ def test_scope_options_are_rejected_by_get_strategy():
 def test_strategy_instance_is_returned_and_managed():
     raw = tf.distribute.OneDeviceStrategy("/cpu:0")
     assert tfpar.get_strategy(raw) is raw
-    assert _keras_compat.is_managed(raw)
+    assert _compat.is_managed(raw)
     with pytest.raises(TypeError, match="Options apply only when a strategy name is given"):
         tfpar.get_strategy(raw, devices=["cpu:0"])
 

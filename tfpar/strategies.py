@@ -2,7 +2,8 @@
 
 A strategy name maps to a factory returning a real ``tf.distribute.Strategy``. Names are
 case-insensitive; aliases are entries with preset options. Every strategy tfpar returns is
-"managed": models trained under it get tfpar's correctness fixes (see ``tfpar/_keras_compat.py``).
+"managed": models trained under it get tfpar's correctness fixes (``tfpar._compat``; the
+parameter-server ones through ``tfpar.coordinator.enable``; docs/interceptions.md lists them).
 
 Built-in names:
 
@@ -30,7 +31,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from tfpar import _keras_compat
+from tfpar import _compat, coordinator
 from tfpar import cluster as cluster_lib
 from tfpar import devices as device_lib
 
@@ -216,7 +217,7 @@ def get_strategy(
                 "Options apply only when a strategy name is given; this strategy is already "
                 f"built. Received: options={sorted(options)} with strategy={strategy!r}"
             )
-        return strategy if strategy is _default_strategy() else _keras_compat.manage(strategy)
+        return strategy if strategy is _default_strategy() else _manage(strategy)
     spec = _lookup(strategy)
     for scope_only in ("mixed_precision", "sync_batchnorm"):
         if scope_only in options:
@@ -243,7 +244,14 @@ def get_strategy(
         # No distribution, nothing to fix; and managing TensorFlow's global default strategy would
         # change every model in the process, tfpar's or not.
         return result
-    return _keras_compat.manage(result)
+    return _manage(result)
+
+
+def _manage(strategy: tf.distribute.Strategy) -> tf.distribute.Strategy:
+    """Applies tfpar's fixes to `strategy`'s models (a ParameterServerStrategy: and its loops)."""
+    if isinstance(strategy, tf.distribute.ParameterServerStrategy):
+        return coordinator.enable(strategy)
+    return _compat.manage(strategy)
 
 
 @contextlib.contextmanager
@@ -311,7 +319,7 @@ def scope(
     with contextlib.ExitStack() as stack:
         stack.enter_context(resolved.scope())
         if sync_batchnorm:
-            stack.enter_context(_keras_compat.synchronized_batchnorm())
+            stack.enter_context(_compat.synchronized_batchnorm())
         if mixed_precision is not None:
             keras.config.set_dtype_policy(mixed_precision)
             stack.callback(keras.config.set_dtype_policy, previous_policy)
@@ -399,7 +407,7 @@ def _mirrored(
         device_lib.validate_devices(devices) if devices is not None else _default_devices()
     )
     ops = _cross_device_ops(cross_device_ops, replica_devices)
-    _keras_compat.bump_collective_key_base()
+    _compat.bump_collective_key_base()
     return tf.distribute.MirroredStrategy(replica_devices, cross_device_ops=ops)
 
 
@@ -497,8 +505,6 @@ def _parameter_server(
     min_shard_bytes: int = 256 << 10,
     staleness: int | None = None,
 ) -> tf.distribute.Strategy:
-    from tfpar import coordinator  # lazy: the coordinator loop sits above the registry
-
     return coordinator.parameter_server_strategy(
         cluster,
         variable_partitioner=variable_partitioner,

@@ -1,4 +1,4 @@
-"""A coordinator that loses a worker and then exits normally (tfpar's interception P4).
+"""A coordinator that loses a worker and then exits normally (tfpar's coordinator-shutdown interception).
 
 Run by `tfpar launch --workers 2 --ps 1` as the chief: a custom training loop on tfpar's
 parameter_server strategy with its own tf.distribute.coordinator.ClusterCoordinator. It schedules

@@ -481,9 +481,9 @@ def errors():
     RESULT["after_error_applied"] = history.history["applied_steps"]
     # Keras's *_on_batch methods keep working next to tfpar's fit (they run on the coordinator).
     RESULT["train_on_batch_after_fit"] = sorted(model.train_on_batch(x[:10], y[:10], return_dict=True))
-    # A ParameterServerStrategy made by hand and handed to tfpar (what _keras_compat.manage does).
+    # A ParameterServerStrategy made by hand and handed to tfpar (what tfpar.get_strategy does).
     instance = tfpar.get_strategy(tf.distribute.ParameterServerStrategy(resolver))
-    coordinator._enable(instance)
+    coordinator.enable(instance)
     with tfpar.scope(instance):
         handed = classifier()
         compile_model(handed)

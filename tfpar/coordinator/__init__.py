@@ -69,7 +69,7 @@ execution:
   ``evaluate``, as in tf-keras's parameter-server mode.
 * ``steps_per_execution=s`` (``model.compile``) schedules ``s`` steps per closure.
 
-Correctness under concurrent workers (``tfpar/_keras_compat.py``, interception 12): the step counter
+Correctness under concurrent workers (the ``atomic-counters`` interception, docs/interceptions.md): the step counter
 (``optimizer.iterations``) and the metric accumulators are updated atomically on the parameter
 servers, so 40 scheduled steps apply 40 updates and the metrics count every example. Model
 weights and optimizer slots get asynchronous, lock-free updates (as in TensorFlow's
@@ -105,7 +105,9 @@ Modules (imports flow down this list, each from the ones above it): ``_common`` 
 ``_runner`` (per-model closures, staleness variables), ``_worker_inputs`` (arrays gathered on the
 workers), ``_callbacks`` (callback dispatch, error translation), ``_evaluate``, ``_fit``,
 ``_predict`` (the three loops), ``_reach`` (waiting until every worker reaches every ps),
-``_strategy`` (the strategy factory, which installs the loops).
+``_patches`` (the parameter-server interceptions, among them the one that hands Keras's ``fit`` /
+``evaluate`` / ``predict`` to the loops), ``_strategy`` (the strategy factory and :func:`enable`,
+which installs them).
 """
 
 from __future__ import annotations
@@ -117,20 +119,17 @@ from tfpar.coordinator._common import (
     ParameterServerOptions,
     options,
 )
-from tfpar.coordinator._strategy import (  # noqa: F401 - _enable/_install: for _keras_compat
-    _enable,
-    _install,
-    parameter_server_strategy,
-)
+from tfpar.coordinator._strategy import enable, parameter_server_strategy
 
 __all__ = [
     "ParameterServerError",
     "ParameterServerOptions",
     "VARIABLE_PARTITIONERS",
+    "enable",
     "options",
     "parameter_server_strategy",
 ]
 
-for _public in (ParameterServerError, ParameterServerOptions, options, parameter_server_strategy):
+for _public in (ParameterServerError, ParameterServerOptions, enable, options, parameter_server_strategy):
     _public.__module__ = __name__  # shown as tfpar.coordinator.X, where users import it from
 del _public

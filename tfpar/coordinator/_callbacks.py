@@ -10,7 +10,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from tfpar import _keras_compat as compat
+from tfpar._compat import internals
 from tfpar.coordinator._common import ParameterServerError
 
 
@@ -88,7 +88,7 @@ class _Progress:
 
 
 def _ps_error(error: BaseException, progress: _Progress) -> ParameterServerError | None:
-    tasks = compat.failed_ps_tasks(error)
+    tasks = internals.failed_ps_tasks(error)
     if tasks is None:
         return None
     names = ", ".join(f"ps:{t}" for t in sorted(tasks)) or "a ps task"

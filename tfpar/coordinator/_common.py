@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import numbers
 import weakref
 from typing import Any
 
 import tensorflow as tf
 
+from tfpar._compat import internals
 
 #: Names accepted by ``variable_partitioner`` besides an int (fixed shards) and a partitioner.
 VARIABLE_PARTITIONERS = ("min_size",)
@@ -89,3 +91,23 @@ def _check_positive_int(name: str, value: Any, allow_none: bool = True) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"Expected {name} to be an int >= 1{' or None' if allow_none else ''}. Received: {name}={value!r}")
+
+
+def keras_arguments(method: str, model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of a Keras ``model.<method>(*args, **kwargs)`` call, by name, defaults filled.
+
+    Bound against Keras's own signature (``tfpar._compat.internals.trainer_signature``), so
+    Keras's parameter list is written nowhere in tfpar. Extra keywords a Keras method collects in
+    ``**kwargs`` (only ``evaluate`` has them) are refused as Keras refuses them.
+    """
+    signature = internals.trainer_signature(method)
+    bound = signature.bind(model, *args, **kwargs)
+    bound.apply_defaults()
+    arguments = dict(bound.arguments)
+    arguments.pop(next(iter(signature.parameters)))  # the model itself
+    for parameter in signature.parameters.values():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            extra = arguments.pop(parameter.name)
+            if extra:
+                raise ValueError(f"Arguments not recognized: {extra}")
+    return arguments

@@ -8,10 +8,10 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from tfpar import _keras_compat as compat
+from tfpar._compat import internals
 from tfpar.coordinator._callbacks import _Lagged, _Progress, _callback_list, _needs_test_batch_logs, _resolve_verbose, _translating
 from tfpar.coordinator._common import _EVAL_BATCHES_PER_CLOSURE
-from tfpar.coordinator._common import _check_positive_int
+from tfpar.coordinator._common import _check_positive_int, keras_arguments
 from tfpar.coordinator._runner import _collecting_garbage
 from tfpar.coordinator._inputs import _Arrays, _Dataset, _array_input, _cardinality, _check_input_type, _dataset_input
 from tfpar.coordinator._runner import _Closures, _Runner, _run_if, _runner, _zeros_of_spec
@@ -105,7 +105,7 @@ class _Evaluator:
         else:
             self._evaluate_dataset(callbacks)
             last_logs = model.get_metrics_result()
-        logs = compat.metrics_result_or_logs(model, last_logs if last_logs is not None else {})
+        logs = internals.metrics_result_or_logs(model, last_logs if last_logs is not None else {})
         logs = {name: _python(value) for name, value in logs.items()}
         callbacks.on_test_end(logs)
         return logs
@@ -188,22 +188,27 @@ def _test_dataset_fn(runner: _Runner, element_spec: Any) -> Callable[..., Any]:
     return test_dataset
 
 
+def evaluate(model: keras.Model, *args: Any, **kwargs: Any) -> Any:
+    """Keras ``model.evaluate(*args, **kwargs)`` for a model of a managed ParameterServerStrategy."""
+    return _evaluate(model, **keras_arguments("evaluate", model, args, kwargs))
+
+
 def _evaluate(model: keras.Model, *, x: Any, y: Any, batch_size: Any, verbose: Any, sample_weight: Any, steps: Any,
               callbacks: Any, return_dict: bool) -> Any:
     progress = _Progress()
 
     def run() -> Any:
-        compat.assert_compiled(model, "evaluate")
+        internals.assert_compiled(model, "evaluate")
         _check_positive_int("steps", steps)
         data = _eval_input(x, y, sample_weight, batch_size, steps, what="evaluate")
         runner = _runner(model)
-        compat.symbolic_build(model, runner.strategy, data.spec() if isinstance(data, _Arrays) else data.element_spec)
+        internals.symbolic_build(model, runner.strategy, data.spec() if isinstance(data, _Arrays) else data.element_spec)
         evaluator = _Evaluator(runner, data, runner.closures())
         level = _resolve_verbose(verbose)
         callback_list = _callback_list(model, callbacks, verbose=level, epochs=1, steps=evaluator.num_batches(),
                                        add_history=False)
         logs = evaluator.evaluate(callback_list, level)
-        return logs if return_dict else compat.flatten_metrics_in_order(model, logs)
+        return logs if return_dict else internals.flatten_metrics_in_order(model, logs)
 
     with _collecting_garbage():
         return _translating(progress, run)

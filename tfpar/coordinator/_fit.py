@@ -10,13 +10,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfpar import _keras_compat as compat
+from tfpar._compat import internals
 from tfpar.coordinator._callbacks import _Lagged, _Progress, _backup_dir, _callback_list, _needs_batch_logs, _resolve_verbose, _translating
 from tfpar.coordinator._evaluate import _Evaluator, _eval_input
 from tfpar.coordinator._inputs import _Arrays, _Dataset, _array_class_weights, _array_input, _cardinality, _check_input_type, _dataset_input, _is_array_like, _with_class_weight
-from tfpar.coordinator._common import _check_positive_int
+from tfpar.coordinator._common import _check_positive_int, keras_arguments
 from tfpar.coordinator._runner import _Runner, _collecting_garbage, _runner
 from tfpar.coordinator._worker_inputs import _BatchStream, _WorkerArrays, _gather, _pack_closures
+
+
+def fit(model: keras.Model, *args: Any, **kwargs: Any) -> keras.callbacks.History:
+    """Keras ``model.fit(*args, **kwargs)`` for a model of a managed ParameterServerStrategy."""
+    return _fit(model, **keras_arguments("fit", model, args, kwargs))
 
 
 def _fit(model: keras.Model, **kwargs: Any) -> keras.callbacks.History:
@@ -31,7 +36,7 @@ def _fit_loop(
     sample_weight: Any, initial_epoch: int, steps_per_epoch: Any, validation_steps: Any,
     validation_batch_size: Any, validation_freq: Any,
 ) -> keras.callbacks.History:
-    compat.assert_compiled(model, "fit")
+    internals.assert_compiled(model, "fit")
     _check_input_type(x, "fit")
     _check_positive_int("steps_per_epoch", steps_per_epoch)
     _check_positive_int("validation_steps", validation_steps)
@@ -119,7 +124,7 @@ def _fit_loop(
         )
 
     spec = arrays.spec() if arrays is not None else dataset.element_spec
-    compat.symbolic_build(model, strategy, spec)
+    internals.symbolic_build(model, strategy, spec)
     closures = runner.closures()
     spe = int(model.steps_per_execution)
     staleness = runner.staleness
@@ -148,7 +153,7 @@ def _fit_loop(
 
     progress.epoch = initial_epoch  # a ps failure while BackupAndRestore restores names it
     callbacks.on_train_begin()
-    initial_epoch = compat.take_initial_epoch(model, initial_epoch)
+    initial_epoch = internals.take_initial_epoch(model, initial_epoch)
     if initial_epoch > 0:  # resumed (BackupAndRestore) or told to start later: those epochs are done
         progress.last_finished_epoch = initial_epoch - 1
     training_logs = None
@@ -157,7 +162,7 @@ def _fit_loop(
         progress.epoch = epoch
         model.reset_metrics()
         callbacks.on_epoch_begin(epoch)
-        applied_before = compat.optimizer_steps(model.optimizer)
+        applied_before = internals.optimizer_steps(model.optimizer)
         lagged = _Lagged(callbacks.on_train_batch_end, window, lagged_logs)
         # RemoteValues are kept only when needed: dropping many at once makes the coordinator
         # delete their tensors on the workers in a burst (measured: +10% epoch time when all of an
@@ -194,8 +199,8 @@ def _fit_loop(
             last = _last_run_logs(scheduled or [(last_remote, None)])
         last_remote = None
         logs = last if last is not None else {}
-        epoch_logs = compat.metrics_result_or_logs(model, logs)
-        applied_after = compat.optimizer_steps(model.optimizer)
+        epoch_logs = internals.metrics_result_or_logs(model, logs)
+        applied_after = internals.optimizer_steps(model.optimizer)
         if applied_before is not None and applied_after is not None:
             epoch_logs["applied_steps"] = applied_after - applied_before
         if validator is not None and _should_eval(epoch, validation_freq):

@@ -9,14 +9,19 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfpar import _keras_compat as compat
+from tfpar._compat import internals
 from tfpar.coordinator._callbacks import _Progress, _callback_list, _translating
 from tfpar.coordinator._evaluate import _eval_input
-from tfpar.coordinator._common import _check_positive_int
+from tfpar.coordinator._common import _check_positive_int, keras_arguments
 from tfpar.coordinator._runner import _collecting_garbage
 from tfpar.coordinator._inputs import _Arrays, _Dataset
 from tfpar.coordinator._runner import _Closures, _Runner, _run_if, _runner, _shapes, _zeros, _zeros_of_spec
 from tfpar.coordinator._worker_inputs import _WorkerArrays, _gather
+
+
+def predict(model: keras.Model, *args: Any, **kwargs: Any) -> Any:
+    """Keras ``model.predict(*args, **kwargs)`` for a model of a managed ParameterServerStrategy."""
+    return _predict(model, **keras_arguments("predict", model, args, kwargs))
 
 
 def _predict(model: keras.Model, *, x: Any, batch_size: Any, verbose: Any, steps: Any, callbacks: Any) -> Any:
@@ -36,7 +41,7 @@ def _predict_loop(model: keras.Model, x: Any, batch_size: Any, verbose: Any, ste
         x_spec = data.spec()[0]
     else:
         x_spec, _, _ = keras.utils.unpack_x_y_sample_weight(data.element_spec)
-    compat.build_for_predict(model, runner.strategy, x_spec)
+    internals.build_for_predict(model, runner.strategy, x_spec)
     closures = runner.closures()
     level = 1 if verbose == "auto" else verbose
     callback_list = _callback_list(model, callbacks, verbose=level, epochs=1,

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 
 import tensorflow as tf
 
-from tfpar import _keras_compat as compat
+from tfpar._compat import internals
 from tfpar.coordinator._callbacks import _first_line
 
 _log = logging.getLogger("tfpar.coordinator")
@@ -74,7 +74,7 @@ def wait_until_workers_reach_ps(
 
     deadline = time.monotonic() + timeout
     failures: dict[int, int] = {}
-    with compat.synchronous_executor():
+    with internals.synchronous_executor():
         for worker in range(len(cluster.get("worker", ()))):
             failed = _read_from(worker, read_every_ps, ps_tasks, cluster, timeout, deadline)
             if failed is not None:
@@ -99,12 +99,12 @@ def _read_from(
                              time.monotonic() - started)
             return failed
         except tf.errors.OpError as error:
-            if compat.is_worker_failure(error):
+            if internals.is_worker_failure(error):
                 _log.info("worker:%d did not answer (%s); ClusterCoordinator handles a worker "
                           "failure, so not waiting for it.", worker, type(error).__name__)
                 return None
-            ps = compat.failed_ps_tasks(error)
-            if ps is None and not compat.is_derived_cancellation(error):
+            ps = internals.failed_ps_tasks(error)
+            if ps is None and not internals.is_derived_cancellation(error):
                 _log.warning(
                     "Could not check that worker:%d reaches the ps tasks: %s: %s. Training goes "
                     "on; a step that fails the same way will report it.", worker,

@@ -11,7 +11,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from tfpar import _keras_compat as compat
+from tfpar._compat import internals
 from tfpar.coordinator._common import _STALENESS_POLL_SECONDS, _STALENESS_TIMEOUT_SECONDS, options
 
 
@@ -114,8 +114,8 @@ class _Runner:
     def __init__(self, model: keras.Model, strategy: tf.distribute.ParameterServerStrategy) -> None:
         self.model = model
         self.strategy = strategy
-        self.coordinator = compat.coordinator(strategy)
-        self.workers = compat.num_workers(strategy)
+        self.coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)  # a singleton per strategy
+        self.workers = internals.num_workers(strategy)
         self.options = options(strategy)
         self._closures: _Closures | None = None
         self.staleness: _Staleness | None = None
@@ -128,7 +128,7 @@ class _Runner:
         # The traced functions capture the optimizer, compiled loss and metrics: a model compiled
         # again gets freshly traced ones. (Keras's own train_function etc. are left alone, so
         # train_on_batch and friends keep working.)
-        compiled = compat.compiled_state(self.model)
+        compiled = internals.compiled_state(self.model)
         current = self._closures
         if current is None or len(current.compiled) != len(compiled) or any(
             a is not b for a, b in zip(current.compiled, compiled)
@@ -219,7 +219,7 @@ class _Runner:
     def output_structure(self, method: Callable[[Any], Any], data_spec: Any, reduce: str = "mean") -> Any:
         """The (shape, dtype) structure of ``step(method, batch)``, from a trace on the coordinator."""
         function = tf.function(lambda data: self.step(method, data, reduce), autograph=False)
-        with compat.tracing_outside_schedule(self.strategy):
+        with internals.tracing_outside_schedule(self.strategy):
             concrete = function.get_concrete_function(data_spec)
         return tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), concrete.structured_outputs)
 

@@ -1,4 +1,5 @@
-"""The strategy factory: ParameterServerStrategy with tfpar's options and partitioners."""
+"""The strategy factory (ParameterServerStrategy with tfpar's options and partitioners) and
+:func:`enable`, which makes Keras fit / evaluate / predict work under any ParameterServerStrategy."""
 
 from __future__ import annotations
 
@@ -9,12 +10,11 @@ from typing import Any
 
 import tensorflow as tf
 
-from tfpar import _keras_compat as compat
+from tfpar import _compat
 from tfpar import cluster as cluster_lib
+from tfpar._compat import internals
+from tfpar.coordinator import _patches
 from tfpar.coordinator._common import DEFAULT_MIN_SHARD_BYTES, ParameterServerOptions, VARIABLE_PARTITIONERS, _OPTIONS
-from tfpar.coordinator._evaluate import _evaluate
-from tfpar.coordinator._fit import _fit
-from tfpar.coordinator._predict import _predict
 from tfpar.coordinator._reach import wait_until_workers_reach_ps
 
 _CONNECTED: "weakref.WeakSet[tf.distribute.ParameterServerStrategy]" = weakref.WeakSet()
@@ -119,7 +119,7 @@ def parameter_server_strategy(
     _OPTIONS[strategy] = ParameterServerOptions(
         staleness=None if staleness is None else int(staleness), variable_partitioner=partitioner
     )
-    return compat.manage(strategy)  # tfpar's fixes (and routing of fit) apply to its models
+    return enable(strategy)  # tfpar's fixes (and the coordinator loops) apply to its models
 
 
 def _check_partitioner(value: Any) -> None:
@@ -152,19 +152,39 @@ def _make_partitioner(value: Any, min_shard_bytes: int, num_ps: int) -> Any:
     return partitioners.FixedShardsPartitioner(int(value))
 
 
-def _install() -> None:
-    compat.install_parameter_server(fit=_fit, evaluate=_evaluate, predict=_predict)
+def enable(strategy: tf.distribute.ParameterServerStrategy) -> tf.distribute.ParameterServerStrategy:
+    """Makes Keras ``fit`` / ``evaluate`` / ``predict`` work under a ParameterServerStrategy.
 
+    :func:`parameter_server_strategy` calls it; ``tfpar.get_strategy(instance)`` and
+    ``tfpar.scope(instance)`` call it for a strategy made by hand (default options: asynchronous,
+    the instance's own partitioner). It applies tfpar's fixes to the strategy's models
+    (``tfpar._compat.manage``), installs the parameter-server interceptions (once), stops the
+    strategy's ClusterCoordinator at exit, and, once per strategy, waits until every worker
+    reaches every ps task.
 
-def _enable(strategy: tf.distribute.ParameterServerStrategy) -> None:
-    """Makes Keras fit/evaluate/predict work under a ParameterServerStrategy tfpar did not create.
+    Args:
+        strategy: A ``tf.distribute.ParameterServerStrategy``.
 
-    For ``tfpar.get_strategy(instance)`` / ``tfpar.scope(instance)`` (``_keras_compat.manage``):
-    default options (asynchronous, the instance's own partitioner). Once per strategy, waits
-    until every worker reaches every ps task (``_reach``).
+    Returns:
+        `strategy` itself.
+
+    Raises:
+        TypeError: If `strategy` is not a ParameterServerStrategy.
+        ConnectionError: If a worker cannot reach a ps task for a minute.
+
+    Example:
+    >>> resolver = tfpar.local_cluster(workers=2, ps=1)
+    >>> strategy = tfpar.coordinator.enable(tf.distribute.ParameterServerStrategy(resolver))
     """
-    _install()
-    compat.track(strategy)
+    if not isinstance(strategy, tf.distribute.ParameterServerStrategy):
+        raise TypeError(
+            "Expected a tf.distribute.ParameterServerStrategy. "
+            f"Received: strategy={strategy!r} (of type {type(strategy).__name__})"
+        )
+    _compat.manage(strategy)
+    _patches.install()
+    _patches.track(strategy)
     if strategy not in _CONNECTED:
-        wait_until_workers_reach_ps(compat.ps_cluster_spec(strategy))
+        wait_until_workers_reach_ps(internals.ps_cluster_spec(strategy))
         _CONNECTED.add(strategy)
+    return strategy

@@ -10,7 +10,8 @@ import platform
 import keras
 import tensorflow as tf
 
-from tfpar import _keras_compat, cluster, devices
+import tfpar.coordinator  # noqa: F401 - declares the parameter-server interceptions in the catalogue
+from tfpar import _compat, cluster, devices
 from tfpar.version import __version__
 
 MIN_VERSIONS = {"tensorflow": (2, 16), "keras": (3, 5)}
@@ -71,7 +72,7 @@ def collect() -> Report:
                 f"{name} {versions[name]} is older than tfpar needs ({'.'.join(map(str, minimum))}+): "
                 f"pip install -U '{name}>={'.'.join(map(str, minimum))}'"
             )
-    verified = _keras_compat.VERIFIED_VERSIONS
+    verified = _compat.VERIFIED_VERSIONS
     if (versions["tensorflow"], versions["keras"]) != (verified["tensorflow"], verified["keras"]):
         notes.append(
             f"tfpar's Keras fixes were verified on TensorFlow {verified['tensorflow']} / Keras "
@@ -106,8 +107,11 @@ def collect() -> Report:
             f"{info.source}: {info.num_workers} worker(s), {info.num_ps} ps, "
             f"chief={'yes' if info.has_chief else 'no'}; this task is {info.task_type}:{info.task_index}"
         )
-    for interception in _keras_compat.INTERCEPTIONS:
-        notes.append(f"fix active for tfpar strategies: {interception.purpose} ({interception.upstream})")
+    for interception in _compat.catalogue():
+        notes.append(
+            f"fix active for tfpar strategies: {interception.slug}: {interception.summary} "
+            f"({interception.upstream_issue})"
+        )
     return Report(versions, physical, logical, description, problems, notes)
 
 

@@ -106,7 +106,7 @@ def _child(args: argparse.Namespace) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from tfpar import _keras_compat
+    from tfpar import _compat
 
     num_examples = args.steps * GLOBAL_BATCH + LAST_BATCH
     rng = np.random.default_rng(0)
@@ -156,15 +156,15 @@ def _child(args: argparse.Namespace) -> dict:
     # collective pattern would reuse its collective keys ("Shape mismatch in the collective
     # instance"), so move the key base first, as TensorFlow's own tests do. This does not make
     # the strategy tfpar-managed: models built under it keep upstream Keras behaviour.
-    _keras_compat.bump_collective_key_base()
+    _compat.bump_collective_key_base()
     hand_strategy = tf.distribute.MirroredStrategy(devices)
-    assert not _keras_compat.is_managed(hand_strategy)
+    assert not _compat.is_managed(hand_strategy)
     with hand_strategy.scope():
         hand_model = compiled_model()
 
     # The custom training loop gets its own plain MirroredStrategy on the same devices (again
     # after a collective key bump, for the same reason).
-    _keras_compat.bump_collective_key_base()
+    _compat.bump_collective_key_base()
     loop_strategy = tf.distribute.MirroredStrategy(devices)
     with loop_strategy.scope():
         loop_model = build_model()

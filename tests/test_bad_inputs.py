@@ -334,6 +334,14 @@ def test_console_script_reports_a_malformed_tf_config_in_one_line():
     assert line.startswith("tfpar train: error: TF_CONFIG is not valid JSON")
 
 
+def test_skipping_undecodable_training_images(bad, recwarn):
+    """`tfpar train --on-error skip` (TrainConfig.on_error) trains on the images that decode."""
+    x_train, y_train, x_test, y_test = job.load_data(job.TrainConfig(data=bad.truncated, on_error="skip"))
+    assert len(y_train) + len(y_test) == 2  # of 3 files: a/truncated.jpg is left out
+    with pytest.raises(ValueError, match=r"on_error to be 'raise' or 'skip'. Received: on_error='ignore'"):
+        job.TrainConfig(on_error="ignore")
+
+
 def test_console_script_names_a_corrupt_training_image(bad):
     """Found once the data is read (after the strategy is made): still a usage error, exit 2."""
     result = _tfpar("train", "--data", bad.truncated, "--strategy", "default", "--epochs", "1")
@@ -341,4 +349,5 @@ def test_console_script_names_a_corrupt_training_image(bad):
     (line,) = _error_lines(result.stderr)
     assert line.startswith(f"tfpar train: error: Cannot read the training data {bad.truncated!r}")
     assert "truncated.jpg" in line and "on_error=skip" in line
+    assert "--on-error {raise,skip}" in _tfpar("train", "--help").stdout
 

@@ -203,6 +203,9 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", default="digits", type=_data_source, metavar="digits|PATH",
                         help="training data: the bundled UCI 'digits' (default), an image folder "
                              "(class sub-folders), TFRecords (x/y features) or a .npz file")
+    parser.add_argument("--on-error", default="raise", choices=("raise", "skip"),
+                        help="an image in --data that does not decode: stop and name it (raise, the "
+                             "default), or leave such files out with a count (skip)")
     parser.add_argument("--mixed-precision", default=None, choices=strategies.MIXED_PRECISION_POLICIES)
     parser.add_argument("--model-parallel", type=_positive_int, default=None, metavar="K",
                         help="split the model's layers over K devices (optimal FLOPs balance) "
@@ -306,6 +309,7 @@ def _train_config(args: argparse.Namespace) -> job.TrainConfig:
         seed=args.seed,
         output_dir=args.output,
         verbose=2 if args.quiet or not sys.stdout.isatty() else 1,
+        on_error=args.on_error,
     )
 
 

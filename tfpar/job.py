@@ -94,6 +94,9 @@ class TrainConfig:
         seed: Seed for the split, initialization and shuffling, from 0 to 2**32 - 1.
         output_dir: Where the report goes; default ``tfpar_runs/<timestamp>``.
         verbose: Keras verbosity (1 progress bar, 2 one line per epoch, 0 silent).
+        on_error: For an image folder in `data`: ``"raise"`` (default) stops at a file that is
+            not a readable image and names it; ``"skip"`` leaves such files out and warns with
+            their count (``tfpar.data.read_images(on_error=...)``). Other data ignores it.
     """
 
     model: str = "alexnet"
@@ -113,6 +116,7 @@ class TrainConfig:
     seed: int = 0
     output_dir: str | None = None
     verbose: int = 1
+    on_error: str = "raise"
 
     def __post_init__(self) -> None:
         """Checks every option before anything is built: cheap, and free of TensorFlow side
@@ -180,6 +184,8 @@ class TrainConfig:
                 valid = f"{low} <= {name} <= {high}" if high is not None else f"{name} >= {low}"
                 raise ValueError(f"Expected {valid}. Received: {name}={value}")
         pipeline_lib.check_microbatches(self.microbatches)
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError(f"Expected on_error to be 'raise' or 'skip'. Received: on_error={self.on_error!r}")
         if self.verbose not in _VERBOSITY or isinstance(self.verbose, bool):
             raise ValueError(f"Expected verbose to be one of {list(_VERBOSITY)}. Received: verbose={self.verbose!r}")
         if self.model_parallel is not None:
@@ -214,10 +220,11 @@ class TrainResult:
     report_dir: Path | None
 
 
-def _read_path(path: str, side: int) -> tuple[np.ndarray, np.ndarray]:
+def _read_path(path: str, side: int, on_error: str = "raise") -> tuple[np.ndarray, np.ndarray]:
     from tfpar import data
 
-    options = {"image_size": (side, side)} if tf.io.gfile.isdir(path) and _has_subfolders(path) else {}
+    folder = tf.io.gfile.isdir(path) and _has_subfolders(path)
+    options = {"image_size": (side, side), "on_error": on_error} if folder else {}
     dataset = data.read(path, **options)
     spec = dataset.element_spec
     if isinstance(spec, dict):
@@ -263,7 +270,7 @@ def load_data(config: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
         images = images / 16.0
     else:
         try:
-            images, labels = _read_path(config.data, side)
+            images, labels = _read_path(config.data, side, config.on_error)
         except (ValueError, tf.errors.InvalidArgumentError, tf.errors.DataLossError,
                 tf.errors.NotFoundError, tf.errors.PermissionDeniedError) as error:
             raise InputError(f"Cannot read the training data {config.data!r}: {_reason(error)}") from error

@@ -238,9 +238,12 @@ def test_lrn_model_saves_and_loads(tmp_path):
     ("kwargs", "error", "message"),
     [
         ({"depth_radius": 1.5}, TypeError, r"`depth_radius` to be an int >= 0\. Received: depth_radius=1\.5 \(of type float\)"),
-        ({"depth_radius": -1}, ValueError, r"depth_radius >= 0, bias > 0.*Received: depth_radius=-1"),
+        ({"depth_radius": -1}, ValueError, r"depth_radius >= 0 and finite bias > 0.*Received: depth_radius=-1"),
         ({"bias": 0}, ValueError, r"Received: depth_radius=2, bias=0,"),
         ({"alpha": -1e-4}, ValueError, r"alpha=-0\.0001"),
+        ({"bias": float("nan")}, ValueError, r"finite bias.*Received: depth_radius=2, bias=nan,"),
+        ({"alpha": float("inf")}, ValueError, r"alpha=inf"),
+        ({"beta": float("-inf")}, ValueError, r"beta=-inf"),
         ({"beta": "0.75"}, TypeError, r"`beta` to be a number\. Received: beta='0\.75' \(of type str\)"),
     ],
 )

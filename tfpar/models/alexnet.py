@@ -14,6 +14,7 @@ wins the max and the pool is exactly a ceil-mode pool.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -108,9 +109,10 @@ class LocalResponseNormalization(keras.layers.Layer):
                     f"Expected `{arg}` to be a number. "
                     f"Received: {arg}={value!r} (of type {type(value).__name__})"
                 )
-        if depth_radius < 0 or bias <= 0 or alpha < 0 or beta < 0:
+        finite = all(math.isfinite(value) for value in (bias, alpha, beta))
+        if not finite or depth_radius < 0 or bias <= 0 or alpha < 0 or beta < 0:
             raise ValueError(
-                "Expected depth_radius >= 0, bias > 0, alpha >= 0 and beta >= 0 (the paper uses "
+                "Expected depth_radius >= 0 and finite bias > 0, alpha >= 0 and beta >= 0 (the paper uses "
                 "depth_radius=2, bias=2, alpha=1e-4, beta=0.75). Received: "
                 f"depth_radius={depth_radius}, bias={bias}, alpha={alpha}, beta={beta}"
             )

@@ -101,13 +101,15 @@ Example:
     model.fit(x, y, batch_size=32, epochs=3, validation_split=0.1)
 
 Modules (imports flow down this list, each from the ones above it): ``_common`` (constants,
-:class:`ParameterServerError`, :func:`options`), ``_inputs`` (arrays, datasets, class weights),
-``_runner`` (per-model closures, staleness variables), ``_worker_inputs`` (arrays gathered on the
-workers), ``_callbacks`` (callback dispatch, error translation), ``_evaluate``, ``_fit``,
-``_predict`` (the three loops), ``_reach`` (waiting until every worker reaches every ps),
-``_patches`` (the parameter-server interceptions, among them the one that hands Keras's ``fit`` /
-``evaluate`` / ``predict`` to the loops), ``_strategy`` (the strategy factory and :func:`enable`,
-which installs them).
+:class:`ParameterServerError`, :func:`options`, binding Keras's arguments), ``_inputs`` (arrays,
+datasets, class weights), ``_runner`` (per-model closures, staleness variables), ``_worker_inputs``
+(arrays gathered on the workers), ``_callbacks`` (callback dispatch, error translation),
+``_evaluate`` (evaluate and validation), ``_arguments`` (fit's arguments, checked and converted),
+``_sources`` (what an epoch schedules, for arrays or a dataset), ``_fit`` (the epoch loop),
+``_predict``, ``_reach`` (waiting until every worker reaches every ps), ``_patches`` (the
+parameter-server interceptions, among them the one that hands Keras's ``fit`` / ``evaluate`` /
+``predict`` to the loops), ``_strategy`` (the strategy factory and :func:`enable`, which installs
+them).
 """
 
 from __future__ import annotations

@@ -14,11 +14,11 @@ from tfpar._compat import internals
 from tfpar.coordinator._common import ParameterServerError
 
 
-def _needs_batch_logs(callback: keras.callbacks.Callback) -> bool:
+def needs_batch_logs(callback: keras.callbacks.Callback) -> bool:
     return _reads_batch_logs(callback, "on_train_batch_end", "on_batch_end")
 
 
-def _needs_test_batch_logs(callback: keras.callbacks.Callback) -> bool:
+def needs_test_batch_logs(callback: keras.callbacks.Callback) -> bool:
     return _reads_batch_logs(callback, "on_test_batch_end")
 
 
@@ -31,7 +31,7 @@ def _reads_batch_logs(callback: keras.callbacks.Callback, *hooks: str) -> bool:
     return any(getattr(type(callback), hook) is not getattr(keras.callbacks.Callback, hook) for hook in hooks)
 
 
-class _Lagged:
+class Lagged:
     """Delivers batch-end callbacks in step order, with each step's fetched logs."""
 
     def __init__(self, deliver: Callable[[int, Any], None], window: int, active: bool) -> None:
@@ -61,11 +61,11 @@ class _Lagged:
             self._pop()
 
 
-def _resolve_verbose(verbose: Any) -> Any:
+def resolve_verbose(verbose: Any) -> Any:
     return 2 if verbose == "auto" else verbose
 
 
-def _callback_list(model: keras.Model, callbacks: Any, *, verbose: Any, epochs: int, steps: Any,
+def make_callback_list(model: keras.Model, callbacks: Any, *, verbose: Any, epochs: int, steps: Any,
                    add_history: bool) -> keras.callbacks.CallbackList:
     if isinstance(callbacks, keras.callbacks.CallbackList):
         return callbacks
@@ -81,13 +81,13 @@ def _callback_list(model: keras.Model, callbacks: Any, *, verbose: Any, epochs: 
 
 
 @dataclasses.dataclass
-class _Progress:
+class Progress:
     epoch: int = 0
     last_finished_epoch: int | None = None
     backup_dir: str | None = None
 
 
-def _ps_error(error: BaseException, progress: _Progress) -> ParameterServerError | None:
+def _ps_error(error: BaseException, progress: Progress) -> ParameterServerError | None:
     tasks = internals.failed_ps_tasks(error)
     if tasks is None:
         return None
@@ -112,13 +112,13 @@ def _ps_error(error: BaseException, progress: _Progress) -> ParameterServerError
     return ParameterServerError(
         f"Parameter server {names} failed during epoch {progress.epoch + 1} ({finished}); the "
         f"variables it held are lost, so training stopped. {resume} TensorFlow reported: "
-        f"{type(error).__name__}: {_first_line(error)}",
+        f"{type(error).__name__}: {first_line(error)}",
         ps_tasks=tuple(sorted(tasks)), epoch=progress.epoch,
         last_finished_epoch=progress.last_finished_epoch, backup_dir=progress.backup_dir,
     )
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     """The most telling line of a (long, nested) TensorFlow error message."""
     text = str(getattr(error, "message", None) or error).strip()
     if not text:
@@ -131,7 +131,7 @@ def _first_line(error: BaseException) -> str:
     return lines[0][:400]
 
 
-def _translating(progress: _Progress, function: Callable[[], Any]) -> Any:
+def translating(progress: Progress, function: Callable[[], Any]) -> Any:
     try:
         return function()
     except (tf.errors.OpError, RuntimeError) as error:
@@ -143,7 +143,7 @@ def _translating(progress: _Progress, function: Callable[[], Any]) -> Any:
         raise translated from error
 
 
-def _backup_dir(callbacks: keras.callbacks.CallbackList) -> str | None:
+def backup_dir(callbacks: keras.callbacks.CallbackList) -> str | None:
     for callback in callbacks.callbacks:
         if isinstance(callback, keras.callbacks.BackupAndRestore):
             return str(callback.backup_dir)

@@ -15,10 +15,10 @@ from tfpar._compat import internals
 #: Names accepted by ``variable_partitioner`` besides an int (fixed shards) and a partitioner.
 VARIABLE_PARTITIONERS = ("min_size",)
 DEFAULT_MIN_SHARD_BYTES = 256 << 10
-_DEFAULT_BATCH_SIZE = 32
-_STALENESS_POLL_SECONDS = 0.002
-_STALENESS_TIMEOUT_SECONDS = 60.0
-_EVAL_BATCHES_PER_CLOSURE = 8
+DEFAULT_BATCH_SIZE = 32
+STALENESS_POLL_SECONDS = 0.002
+STALENESS_TIMEOUT_SECONDS = 60.0
+EVAL_BATCHES_PER_CLOSURE = 8
 
 
 class ParameterServerError(RuntimeError):
@@ -56,7 +56,7 @@ class ParameterServerOptions:
     variable_partitioner: Any = None
 
 
-_OPTIONS: "weakref.WeakKeyDictionary[tf.distribute.Strategy, ParameterServerOptions]" = (
+STRATEGY_OPTIONS: "weakref.WeakKeyDictionary[tf.distribute.Strategy, ParameterServerOptions]" = (
     weakref.WeakKeyDictionary()
 )
 
@@ -83,14 +83,16 @@ def options(strategy: tf.distribute.Strategy) -> ParameterServerOptions:
             "Expected a tf.distribute.ParameterServerStrategy. "
             f"Received: strategy={strategy!r} (of type {type(strategy).__name__})"
         )
-    return _OPTIONS.get(strategy, ParameterServerOptions())
+    return STRATEGY_OPTIONS.get(strategy, ParameterServerOptions())
 
 
-def _check_positive_int(name: str, value: Any, allow_none: bool = True) -> None:
+def check_positive_int(name: str, value: Any, allow_none: bool = True) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"Expected {name} to be an int >= 1{' or None' if allow_none else ''}. Received: {name}={value!r}")
+        raise ValueError(
+            f"Expected {name} to be an int >= 1{' or None' if allow_none else ''}. Received: {name}={value!r}"
+        )
 
 
 def keras_arguments(method: str, model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -9,17 +9,22 @@ import keras
 import tensorflow as tf
 
 from tfpar._compat import internals
-from tfpar.coordinator._callbacks import _Lagged, _Progress, _callback_list, _needs_test_batch_logs, _resolve_verbose, _translating
-from tfpar.coordinator._common import _EVAL_BATCHES_PER_CLOSURE
-from tfpar.coordinator._common import _check_positive_int, keras_arguments
-from tfpar.coordinator._runner import _collecting_garbage
-from tfpar.coordinator._inputs import _Arrays, _Dataset, _array_input, _cardinality, _check_input_type, _dataset_input
-from tfpar.coordinator._runner import _Closures, _Runner, _run_if, _runner, _zeros_of_spec
-from tfpar.coordinator._worker_inputs import _WorkerArrays, _gather, _pack_closures
+from tfpar.coordinator._callbacks import (
+    Lagged,
+    Progress,
+    make_callback_list,
+    needs_test_batch_logs,
+    resolve_verbose,
+    translating,
+)
+from tfpar.coordinator._common import EVAL_BATCHES_PER_CLOSURE, check_positive_int, keras_arguments
+from tfpar.coordinator._inputs import Arrays, DatasetInput, array_input, cardinality, check_input_type, dataset_input
+from tfpar.coordinator._runner import Closures, Runner, collecting_garbage, run_if, runner_for, zeros_of_spec
+from tfpar.coordinator._worker_inputs import WorkerArrays, gather, pack_closures
 
 
-def _eval_input(x: Any, y: Any, sample_weight: Any, batch_size: Any, steps: Any, *, what: str,
-                tuple_data: bool = False) -> _Arrays | _Dataset:
+def eval_input(x: Any, y: Any, sample_weight: Any, batch_size: Any, steps: Any, *, what: str,
+                tuple_data: bool = False) -> Arrays | DatasetInput:
     """Arrays or a finite dataset for evaluate / predict / validation_data."""
     if tuple_data and not isinstance(x, tf.data.Dataset):
         if not isinstance(x, (tuple, list)) or not 1 <= len(x) <= 3:
@@ -28,13 +33,13 @@ def _eval_input(x: Any, y: Any, sample_weight: Any, batch_size: Any, steps: Any,
                 f"tf.data.Dataset. Received: validation_data of type {type(x).__name__}"
             )
         x, y, sample_weight = (tuple(x) + (None, None))[:3]
-    _check_input_type(x, what)
-    dataset = _dataset_input(x, y, sample_weight, None if isinstance(x, tf.data.Dataset) and tuple_data else batch_size,
+    check_input_type(x, what)
+    dataset = dataset_input(x, y, sample_weight, None if isinstance(x, tf.data.Dataset) and tuple_data else batch_size,
                              what=what, allow_fn=False)
     if dataset is None:
-        arrays = _array_input(x, y, sample_weight, batch_size, what=what)
+        arrays = array_input(x, y, sample_weight, batch_size, what=what)
         if steps is not None:
-            arrays = _Arrays(
+            arrays = Arrays(
                 tf.nest.map_structure(lambda a: a[: steps * arrays.batch_size], arrays.data),
                 min(arrays.count, steps * arrays.batch_size), arrays.batch_size,
             )
@@ -42,37 +47,38 @@ def _eval_input(x: Any, y: Any, sample_weight: Any, batch_size: Any, steps: Any,
     source = dataset.dataset
     if steps is not None:
         source = source.take(steps)
-    size = _cardinality(source)
+    size = cardinality(source)
     if size == tf.data.INFINITE_CARDINALITY:
         option = "validation_steps" if what == "validation_data" else "steps"
         raise ValueError(
             f"The {what} dataset is infinite, so it has no end to evaluate up to: pass {option} "
             f"(the number of batches to use). Received: {option}=None"
         )
-    return _Dataset(source, None, source.element_spec)
+    return DatasetInput(source, None, source.element_spec)
 
 
-class _Evaluator:
+class Evaluator:
     """Runs test steps for evaluate / validation over arrays or a sharded dataset."""
 
-    def __init__(self, runner: _Runner, data: _Arrays | _Dataset, closures: _Closures) -> None:
+    def __init__(self, runner: Runner, data: Arrays | DatasetInput, closures: Closures) -> None:
         self.runner = runner
         self.data = data
         self.closures = closures
-        if isinstance(data, _Arrays):
-            self.worker_data = _WorkerArrays(runner, data)
+        if isinstance(data, Arrays):
+            self.worker_data = WorkerArrays(runner, data)
             self.function = closures.get("test_arrays", data.spec(), lambda: _test_arrays_fn(runner))
         else:
             enumerated = data.dataset.enumerate()
             self.per_worker = runner.coordinator.create_per_worker_dataset(
                 runner.strategy.experimental_distribute_dataset(enumerated)
             )
-            self.function = closures.get("test_dataset", enumerated.element_spec, lambda: _test_dataset_fn(runner, enumerated.element_spec))
+            spec = enumerated.element_spec
+            self.function = closures.get("test_dataset", spec, lambda: _test_dataset_fn(runner, spec))
 
     def num_batches(self) -> int | None:
-        if isinstance(self.data, _Arrays):
+        if isinstance(self.data, Arrays):
             return self.data.num_batches()
-        size = _cardinality(self.data.dataset)
+        size = cardinality(self.data.dataset)
         return size if size >= 0 else None
 
     def evaluate(self, callbacks: keras.callbacks.CallbackList, verbose: Any) -> dict[str, Any]:
@@ -81,12 +87,12 @@ class _Evaluator:
         model.stop_evaluating = False
         callbacks.on_test_begin()
         model.reset_metrics()
-        lagged = _Lagged(callbacks.on_test_batch_end, 2 * self.runner.workers + 1,
-                         any(_needs_test_batch_logs(c) for c in callbacks.callbacks))
+        lagged = Lagged(callbacks.on_test_batch_end, 2 * self.runner.workers + 1,
+                         any(needs_test_batch_logs(c) for c in callbacks.callbacks))
         last_logs = None
-        if isinstance(self.data, _Arrays):
+        if isinstance(self.data, Arrays):
             spe = int(model.steps_per_execution)
-            plan = _pack_closures(self.data.ordered_batches(), spe, self.data.batch_size)
+            plan = pack_closures(self.data.ordered_batches(), spe, self.data.batch_size)
             step = 0
             remote = None  # only the last RemoteValue is kept (see the note in _fit_loop)
             for indices, splits, n in plan:
@@ -121,7 +127,7 @@ class _Evaluator:
             for _ in range(2 * workers):
                 callbacks.on_test_batch_begin(step)
                 remotes.append(coordinator.schedule(
-                    self.function, args=(iterator, _EVAL_BATCHES_PER_CLOSURE)
+                    self.function, args=(iterator, EVAL_BATCHES_PER_CLOSURE)
                 ))
             coordinator.join()
             for remote in remotes:
@@ -141,28 +147,28 @@ def _python(value: Any) -> Any:
         return value
 
 
-def _test_arrays_fn(runner: _Runner) -> Callable[..., Any]:
+def _test_arrays_fn(runner: Runner) -> Callable[..., Any]:
     model = runner.model
 
     def test_arrays(iterator: Any, indices: tf.Tensor, splits: tf.Tensor, n: int) -> Any:
         data = next(iterator)
 
         def one_step(i: tf.Tensor) -> Any:
-            return runner.step(model.test_step, _gather(data, indices[splits[i] : splits[i + 1]]))
+            return runner.step(model.test_step, gather(data, indices[splits[i] : splits[i + 1]]))
 
         return runner.run_steps(n, one_step)
 
     return test_arrays
 
 
-def _test_dataset_fn(runner: _Runner, element_spec: Any) -> Callable[..., Any]:
+def _test_dataset_fn(runner: Runner, element_spec: Any) -> Callable[..., Any]:
     model = runner.model
     workers = runner.workers
 
     def test_dataset(iterator: Any, limit: tf.Tensor) -> Any:
         """Runs up to `limit` of this worker's batches; returns (count, exhausted, worker index)."""
         worker = tf.distribute.coordinator.experimental_get_current_worker_index()
-        empty = tf.nest.map_structure(_zeros_of_spec, element_spec)
+        empty = tf.nest.map_structure(zeros_of_spec, element_spec)
 
         def body(count: tf.Tensor, done: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             optional = iterator.get_next_as_optional()
@@ -175,7 +181,7 @@ def _test_dataset_fn(runner: _Runner, element_spec: Any) -> Callable[..., Any]:
                 with tf.control_dependencies(effects):
                     return tf.constant(1, tf.int64)
 
-            ran = _run_if(mine, run, tf.constant(0, tf.int64), tf.TensorShape([]))
+            ran = run_if(mine, run, tf.constant(0, tf.int64), tf.TensorShape([]))
             return count + ran, tf.logical_not(has)
 
         count, done = tf.while_loop(
@@ -195,20 +201,20 @@ def evaluate(model: keras.Model, *args: Any, **kwargs: Any) -> Any:
 
 def _evaluate(model: keras.Model, *, x: Any, y: Any, batch_size: Any, verbose: Any, sample_weight: Any, steps: Any,
               callbacks: Any, return_dict: bool) -> Any:
-    progress = _Progress()
+    progress = Progress()
 
     def run() -> Any:
         internals.assert_compiled(model, "evaluate")
-        _check_positive_int("steps", steps)
-        data = _eval_input(x, y, sample_weight, batch_size, steps, what="evaluate")
-        runner = _runner(model)
-        internals.symbolic_build(model, runner.strategy, data.spec() if isinstance(data, _Arrays) else data.element_spec)
-        evaluator = _Evaluator(runner, data, runner.closures())
-        level = _resolve_verbose(verbose)
-        callback_list = _callback_list(model, callbacks, verbose=level, epochs=1, steps=evaluator.num_batches(),
+        check_positive_int("steps", steps)
+        data = eval_input(x, y, sample_weight, batch_size, steps, what="evaluate")
+        runner = runner_for(model)
+        internals.symbolic_build(model, runner.strategy, data.spec() if isinstance(data, Arrays) else data.element_spec)
+        evaluator = Evaluator(runner, data, runner.closures())
+        level = resolve_verbose(verbose)
+        callback_list = make_callback_list(model, callbacks, verbose=level, epochs=1, steps=evaluator.num_batches(),
                                        add_history=False)
         logs = evaluator.evaluate(callback_list, level)
         return logs if return_dict else internals.flatten_metrics_in_order(model, logs)
 
-    with _collecting_garbage():
-        return _translating(progress, run)
+    with collecting_garbage():
+        return translating(progress, run)

@@ -11,11 +11,12 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
-from tfpar.coordinator._common import _DEFAULT_BATCH_SIZE
+
+from tfpar.coordinator._common import DEFAULT_BATCH_SIZE
 
 
 @dataclasses.dataclass
-class _Arrays:
+class Arrays:
     """In-memory inputs: a tuple ``(x,)``, ``(x, y)`` or ``(x, y, sample_weight)`` of arrays."""
 
     data: tuple[Any, ...]
@@ -45,7 +46,7 @@ class _Arrays:
 
 
 @dataclasses.dataclass
-class _Dataset:
+class DatasetInput:
     """A tf.data.Dataset, or a ``dataset_fn(input_context)`` run on every worker."""
 
     dataset: tf.data.Dataset | None
@@ -53,7 +54,7 @@ class _Dataset:
     element_spec: Any
 
 
-def _is_array_like(value: Any) -> bool:
+def is_array_like(value: Any) -> bool:
     return isinstance(value, (np.ndarray, tf.Tensor, numbers.Number)) or (
         hasattr(value, "__array__") and hasattr(value, "shape")
     )
@@ -66,7 +67,7 @@ def _to_arrays(value: Any, name: str) -> Any:
                 f"Sparse and ragged tensors in `{name}` are not supported by parameter-server fit; "
                 f"pass a tf.data.Dataset. Received: {type(leaf).__name__}"
             )
-        if not _is_array_like(leaf):
+        if not is_array_like(leaf):
             raise TypeError(
                 f"Expected `{name}` to hold NumPy arrays or tensors. Received: an element of type "
                 f"{type(leaf).__name__}. Supported inputs under 'parameter_server': arrays (or "
@@ -82,7 +83,7 @@ def _to_arrays(value: Any, name: str) -> Any:
     return tf.nest.map_structure(convert, value)
 
 
-def _array_input(x: Any, y: Any, sample_weight: Any, batch_size: Any, *, what: str) -> _Arrays:
+def array_input(x: Any, y: Any, sample_weight: Any, batch_size: Any, *, what: str) -> Arrays:
     parts = [("x", x)] + ([("y", y)] if y is not None else []) + (
         [("sample_weight", sample_weight)] if sample_weight is not None else []
     )
@@ -100,15 +101,17 @@ def _array_input(x: Any, y: Any, sample_weight: Any, batch_size: Any, *, what: s
     if count == 0:
         raise ValueError(f"Expected at least one example in {what}. Received: 0 examples")
     if batch_size is None:
-        batch_size = _DEFAULT_BATCH_SIZE
+        batch_size = DEFAULT_BATCH_SIZE
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"Expected batch_size to be an int >= 1. Received: batch_size={batch_size!r}")
-    return _Arrays(data, count, int(batch_size))
+    return Arrays(data, count, int(batch_size))
 
 
-def _dataset_input(x: Any, y: Any, sample_weight: Any, batch_size: Any, *, what: str, allow_fn: bool) -> _Dataset | None:
-    """A _Dataset for a tf.data.Dataset or dataset_fn `x`, None for arrays."""
-    is_fn = callable(x) and not isinstance(x, tf.data.Dataset) and not _is_array_like(x)
+def dataset_input(
+    x: Any, y: Any, sample_weight: Any, batch_size: Any, *, what: str, allow_fn: bool
+) -> DatasetInput | None:
+    """A DatasetInput for a tf.data.Dataset or dataset_fn `x`, None for arrays."""
+    is_fn = callable(x) and not isinstance(x, tf.data.Dataset) and not is_array_like(x)
     if not isinstance(x, tf.data.Dataset) and not is_fn:
         return None
     kind = "a tf.data.Dataset" if isinstance(x, tf.data.Dataset) else "a dataset_fn"
@@ -125,11 +128,11 @@ def _dataset_input(x: Any, y: Any, sample_weight: Any, batch_size: Any, *, what:
                 f"{what} takes arrays or a tf.data.Dataset under 'parameter_server'; a "
                 f"dataset_fn is accepted by fit only. Received: x={x!r}"
             )
-        return _Dataset(None, x, None)
-    return _Dataset(x, None, x.element_spec)
+        return DatasetInput(None, x, None)
+    return DatasetInput(x, None, x.element_spec)
 
 
-def _check_input_type(x: Any, what: str) -> None:
+def check_input_type(x: Any, what: str) -> None:
     if x is None:
         raise ValueError(f"Expected data for {what}. Received: x=None")
     if isinstance(x, keras.utils.PyDataset) or hasattr(x, "__next__"):
@@ -142,7 +145,7 @@ def _check_input_type(x: Any, what: str) -> None:
         )
 
 
-def _with_class_weight(dataset: tf.data.Dataset, class_weight: Mapping[int, float]) -> tf.data.Dataset:
+def with_class_weight(dataset: tf.data.Dataset, class_weight: Mapping[int, float]) -> tf.data.Dataset:
     table = _class_weight_table(class_weight)
 
     def add(*element: Any) -> Any:
@@ -178,7 +181,7 @@ def _label_weights(y: tf.Tensor, table: tf.Tensor) -> tf.Tensor:
     return tf.gather(table, tf.cast(labels, tf.int32))
 
 
-def _array_class_weights(y: Any, class_weight: Mapping[int, float]) -> np.ndarray:
+def array_class_weights(y: Any, class_weight: Mapping[int, float]) -> np.ndarray:
     if not isinstance(y, np.ndarray):
         raise ValueError(
             "class_weight needs `y` to be a single array of class labels (or one-hot rows). "
@@ -187,5 +190,5 @@ def _array_class_weights(y: Any, class_weight: Mapping[int, float]) -> np.ndarra
     return _label_weights(tf.constant(y), _class_weight_table(class_weight)).numpy()
 
 
-def _cardinality(dataset: tf.data.Dataset) -> int:
+def cardinality(dataset: tf.data.Dataset) -> int:
     return int(dataset.cardinality().numpy())

@@ -10,13 +10,21 @@ import numpy as np
 import tensorflow as tf
 
 from tfpar._compat import internals
-from tfpar.coordinator._callbacks import _Progress, _callback_list, _translating
-from tfpar.coordinator._evaluate import _eval_input
-from tfpar.coordinator._common import _check_positive_int, keras_arguments
-from tfpar.coordinator._runner import _collecting_garbage
-from tfpar.coordinator._inputs import _Arrays, _Dataset
-from tfpar.coordinator._runner import _Closures, _Runner, _run_if, _runner, _shapes, _zeros, _zeros_of_spec
-from tfpar.coordinator._worker_inputs import _WorkerArrays, _gather
+from tfpar.coordinator._callbacks import Progress, make_callback_list, translating
+from tfpar.coordinator._common import check_positive_int, keras_arguments
+from tfpar.coordinator._evaluate import eval_input
+from tfpar.coordinator._inputs import Arrays, DatasetInput
+from tfpar.coordinator._runner import (
+    Closures,
+    Runner,
+    collecting_garbage,
+    run_if,
+    runner_for,
+    spec_shapes,
+    spec_zeros,
+    zeros_of_spec,
+)
+from tfpar.coordinator._worker_inputs import WorkerArrays, gather
 
 
 def predict(model: keras.Model, *args: Any, **kwargs: Any) -> Any:
@@ -25,32 +33,32 @@ def predict(model: keras.Model, *args: Any, **kwargs: Any) -> Any:
 
 
 def _predict(model: keras.Model, *, x: Any, batch_size: Any, verbose: Any, steps: Any, callbacks: Any) -> Any:
-    progress = _Progress()
-    with _collecting_garbage():
-        return _translating(progress, lambda: _predict_loop(model, x, batch_size, verbose, steps, callbacks))
+    progress = Progress()
+    with collecting_garbage():
+        return translating(progress, lambda: _predict_loop(model, x, batch_size, verbose, steps, callbacks))
 
 
 def _predict_loop(model: keras.Model, x: Any, batch_size: Any, verbose: Any, steps: Any, callbacks: Any) -> Any:
-    _check_positive_int("steps", steps)
+    check_positive_int("steps", steps)
     if isinstance(x, (tuple, list)) and len(x) in (2, 3) and not isinstance(x, tf.data.Dataset):
         x = x[0] if isinstance(x, tuple) else x
-    data = _eval_input(x, None, None, batch_size, steps, what="predict")
-    runner = _runner(model)
+    data = eval_input(x, None, None, batch_size, steps, what="predict")
+    runner = runner_for(model)
     coordinator = runner.coordinator
-    if isinstance(data, _Arrays):
+    if isinstance(data, Arrays):
         x_spec = data.spec()[0]
     else:
         x_spec, _, _ = keras.utils.unpack_x_y_sample_weight(data.element_spec)
     internals.build_for_predict(model, runner.strategy, x_spec)
     closures = runner.closures()
     level = 1 if verbose == "auto" else verbose
-    callback_list = _callback_list(model, callbacks, verbose=level, epochs=1,
-                                   steps=data.num_batches() if isinstance(data, _Arrays) else None, add_history=False)
+    callback_list = make_callback_list(model, callbacks, verbose=level, epochs=1,
+                                   steps=data.num_batches() if isinstance(data, Arrays) else None, add_history=False)
     model.stop_predicting = False
     callback_list.on_predict_begin()
     outputs: list[Any] = []
-    if isinstance(data, _Arrays):
-        worker_data = _WorkerArrays(runner, data)
+    if isinstance(data, Arrays):
+        worker_data = WorkerArrays(runner, data)
         function = closures.get("predict_arrays", data.spec(), lambda: _predict_arrays_fn(runner))
         remotes = []
         for step, indices in enumerate(data.ordered_batches()):
@@ -75,24 +83,27 @@ def _predict_loop(model: keras.Model, x: Any, batch_size: Any, verbose: Any, ste
     return tf.nest.map_structure(lambda *parts: np.concatenate(parts, axis=0), *outputs)
 
 
-def _predict_arrays_fn(runner: _Runner) -> Callable[..., Any]:
+def _predict_arrays_fn(runner: Runner) -> Callable[..., Any]:
     model = runner.model
 
     def predict_arrays(iterator: Any, indices: tf.Tensor, size: tf.Tensor) -> Any:
         data = next(iterator)
-        return runner.step(model.predict_step, _gather(data, indices[:size]), reduce="concat")
+        return runner.step(model.predict_step, gather(data, indices[:size]), reduce="concat")
 
     return predict_arrays
 
 
-def _predict_dataset(runner: _Runner, data: _Dataset, closures: _Closures,
+def _predict_dataset(runner: Runner, data: DatasetInput, closures: Closures,
                      callback_list: keras.callbacks.CallbackList) -> list[Any]:
     coordinator = runner.coordinator
     per_worker = coordinator.create_per_worker_dataset(
         runner.strategy.experimental_distribute_dataset(data.dataset.enumerate())
     )
     iterator = iter(per_worker)
-    function = closures.get("predict_dataset", data.dataset.element_spec, lambda: _predict_dataset_fn(runner, data.dataset.enumerate().element_spec))
+    function = closures.get(
+        "predict_dataset", data.dataset.element_spec,
+        lambda: _predict_dataset_fn(runner, data.dataset.enumerate().element_spec),
+    )
     workers = runner.workers
     exhausted: set[int] = set()
     found: dict[int, Any] = {}
@@ -115,7 +126,7 @@ def _predict_dataset(runner: _Runner, data: _Dataset, closures: _Closures,
     return ordered
 
 
-def _predict_dataset_fn(runner: _Runner, element_spec: Any) -> Callable[..., Any]:
+def _predict_dataset_fn(runner: Runner, element_spec: Any) -> Callable[..., Any]:
     model = runner.model
     workers = runner.workers
     x_spec, _, _ = keras.utils.unpack_x_y_sample_weight(element_spec[1])
@@ -124,7 +135,7 @@ def _predict_dataset_fn(runner: _Runner, element_spec: Any) -> Callable[..., Any
     def predict_dataset(iterator: Any) -> Any:
         """Predicts this worker's next own batch: (found, position, exhausted, worker, outputs)."""
         worker = tf.distribute.coordinator.experimental_get_current_worker_index()
-        empty = tf.nest.map_structure(_zeros_of_spec, element_spec)
+        empty = tf.nest.map_structure(zeros_of_spec, element_spec)
 
         # Advance this worker's copy to its next own batch (position % workers == worker index).
         def body(found: tf.Tensor, done: tf.Tensor, element: Any) -> tuple[Any, ...]:
@@ -139,14 +150,16 @@ def _predict_dataset_fn(runner: _Runner, element_spec: Any) -> Callable[..., Any
             lambda found, done, element: tf.logical_and(tf.logical_not(found), tf.logical_not(done)),
             body,
             (tf.constant(False), tf.constant(False), empty),
-            shape_invariants=(tf.TensorShape([]), tf.TensorShape([]), tf.nest.map_structure(lambda s: s.shape, element_spec)),
+            shape_invariants=(
+                tf.TensorShape([]), tf.TensorShape([]), tf.nest.map_structure(lambda s: s.shape, element_spec)
+            ),
         )
 
         def predict() -> Any:
             x, _, _ = keras.utils.unpack_x_y_sample_weight(element[1])
             return runner.step(model.predict_step, (x,), reduce="concat")
 
-        outputs = _run_if(found, predict, _zeros(structure), _shapes(structure))
+        outputs = run_if(found, predict, spec_zeros(structure), spec_shapes(structure))
         return found, tf.cast(element[0], tf.int64), done, worker, outputs
 
     return predict_dataset

@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 import tensorflow as tf
 
 from tfpar._compat import internals
-from tfpar.coordinator._callbacks import _first_line
+from tfpar.coordinator._callbacks import first_line
 
 _log = logging.getLogger("tfpar.coordinator")
 
@@ -108,14 +108,14 @@ def _read_from(
                 _log.warning(
                     "Could not check that worker:%d reaches the ps tasks: %s: %s. Training goes "
                     "on; a step that fails the same way will report it.", worker,
-                    type(error).__name__, _first_line(error),
+                    type(error).__name__, first_line(error),
                 )
                 return None
             failed += 1
             if failed == 1:
                 _log.warning(
                     "worker:%d cannot reach ps task(s) %s yet (%s); retrying for up to %.0f s.",
-                    worker, sorted(ps or ()) or "(not named)", _first_line(error),
+                    worker, sorted(ps or ()) or "(not named)", first_line(error),
                     max(0.0, deadline - time.monotonic()),
                 )
             if time.monotonic() >= deadline:
@@ -126,7 +126,7 @@ def _read_from(
                     "ps task: check that the ps task is still running and that the ps address in "
                     "the cluster spec is reachable from the worker's host (firewall, a hostname "
                     "that resolves differently there). TensorFlow reported: "
-                    f"{type(error).__name__}: {_first_line(error)}"
+                    f"{type(error).__name__}: {first_line(error)}"
                 ) from None
             time.sleep(_RETRY_SECONDS)
 

@@ -12,10 +12,10 @@ import keras
 import tensorflow as tf
 
 from tfpar._compat import internals
-from tfpar.coordinator._common import _STALENESS_POLL_SECONDS, _STALENESS_TIMEOUT_SECONDS, options
+from tfpar.coordinator._common import STALENESS_POLL_SECONDS, STALENESS_TIMEOUT_SECONDS, options
 
 
-class _Closures:
+class Closures:
     """The tf.functions scheduled on workers for one compiled model (rebuilt after compile)."""
 
     def __init__(self, compiled: tuple[Any, ...]) -> None:
@@ -72,7 +72,7 @@ class _Staleness:
             unstarted = self.planned.read_value() - self.started.read_value()
             slower = tf.less(clock, mine - bound)
             slower_running = tf.reduce_any(tf.logical_and(slower, self.running.read_value() > 0))
-            in_time = tf.timestamp() - start < _STALENESS_TIMEOUT_SECONDS
+            in_time = tf.timestamp() - start < STALENESS_TIMEOUT_SECONDS
             wait = tf.logical_and(
                 tf.logical_not(allowed),
                 tf.logical_and(tf.logical_or(unstarted > 0, slower_running), in_time),
@@ -80,7 +80,7 @@ class _Staleness:
             return allowed, wait
 
         def body(allowed: tf.Tensor, wait: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            with tf.control_dependencies([_sleep(_STALENESS_POLL_SECONDS)]):
+            with tf.control_dependencies([_sleep(STALENESS_POLL_SECONDS)]):
                 return decide()
 
         allowed, _ = tf.while_loop(lambda allowed, wait: wait, body, decide())
@@ -108,7 +108,7 @@ def _sleep(seconds: float) -> tf.Tensor:
     return tf.data.experimental.from_variant(variant, tf.TensorSpec([], tf.int64)).get_single_element()
 
 
-class _Runner:
+class Runner:
     """Everything one model needs to run on one ParameterServerStrategy."""
 
     def __init__(self, model: keras.Model, strategy: tf.distribute.ParameterServerStrategy) -> None:
@@ -117,14 +117,14 @@ class _Runner:
         self.coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)  # a singleton per strategy
         self.workers = internals.num_workers(strategy)
         self.options = options(strategy)
-        self._closures: _Closures | None = None
+        self._closures: Closures | None = None
         self.staleness: _Staleness | None = None
         if self.options.staleness is not None:
             self.staleness = _Staleness(strategy, self.workers, self.options.staleness)
 
     # -- closures ------------------------------------------------------------------------------
 
-    def closures(self) -> _Closures:
+    def closures(self) -> Closures:
         # The traced functions capture the optimizer, compiled loss and metrics: a model compiled
         # again gets freshly traced ones. (Keras's own train_function etc. are left alone, so
         # train_on_batch and friends keep working.)
@@ -133,7 +133,7 @@ class _Runner:
         if current is None or len(current.compiled) != len(compiled) or any(
             a is not b for a, b in zip(current.compiled, compiled)
         ):
-            current = self._closures = _Closures(compiled)
+            current = self._closures = Closures(compiled)
         return current
 
     def reduce_mean(self, outputs: Any) -> Any:
@@ -158,7 +158,9 @@ class _Runner:
 
     # -- worker-side step loops ------------------------------------------------------------------
 
-    def run_steps(self, count: int, one_step: Callable[[tf.Tensor], Any], structure: Any = None) -> tuple[tf.Tensor, Any]:
+    def run_steps(
+        self, count: int, one_step: Callable[[tf.Tensor], Any], structure: Any = None
+    ) -> tuple[tf.Tensor, Any]:
         """Runs ``one_step(i)`` for i < count inside a closure; returns (steps run, last outputs).
 
         `count` is a Python int (part of the traced function, so nothing is sent per closure;
@@ -200,12 +202,12 @@ class _Runner:
 
         with tf.control_dependencies([staleness.enter()]):
             go = staleness.gate(worker)
-        shapes = _shapes(structure)
-        first = _run_if(go, lambda: accounted(tf.constant(0, tf.int64)), _zeros(structure), shapes)
+        shapes = spec_shapes(structure)
+        first = run_if(go, lambda: accounted(tf.constant(0, tf.int64)), spec_zeros(structure), shapes)
 
         def gated_body(i: tf.Tensor, ran: tf.Tensor, alive: tf.Tensor, outputs: Any) -> tuple[Any, ...]:
             go = staleness.gate(worker)
-            outputs = _run_if(go, lambda: accounted(i), outputs, shapes)
+            outputs = run_if(go, lambda: accounted(i), outputs, shapes)
             return i + 1, ran + tf.cast(go, tf.int64), go, outputs
 
         _, ran, _, outputs = tf.while_loop(
@@ -228,19 +230,19 @@ def _relaxed(structure: Any) -> Any:
     return tf.nest.map_structure(lambda t: tf.TensorShape(None), structure)
 
 
-def _zeros(structure: Any) -> Any:
+def spec_zeros(structure: Any) -> Any:
     """Zeros for a structure of TensorSpecs (unknown dimensions become 0)."""
-    return tf.nest.map_structure(_zeros_of_spec, structure)
+    return tf.nest.map_structure(zeros_of_spec, structure)
 
 
-def _zeros_of_spec(spec: tf.TensorSpec) -> tf.Tensor:
+def zeros_of_spec(spec: tf.TensorSpec) -> tf.Tensor:
     shape = spec.shape
     if shape.rank is None:
         return tf.zeros([], spec.dtype)
     return tf.zeros([d if d is not None else 0 for d in shape.as_list()], spec.dtype)
 
 
-def _run_if(pred: tf.Tensor, function: Callable[[], Any], otherwise: Any, shapes: Any) -> Any:
+def run_if(pred: tf.Tensor, function: Callable[[], Any], otherwise: Any, shapes: Any) -> Any:
     """``function()`` if `pred` else `otherwise`, as a while loop that runs at most once.
 
     (Not tf.cond: a step inside a cond branch cannot use
@@ -256,24 +258,24 @@ def _run_if(pred: tf.Tensor, function: Callable[[], Any], otherwise: Any, shapes
     return result
 
 
-def _shapes(structure: Any) -> Any:
+def spec_shapes(structure: Any) -> Any:
     return tf.nest.map_structure(lambda spec: spec.shape, structure)
 
 
-_RUNNERS: "weakref.WeakKeyDictionary[keras.Model, _Runner]" = weakref.WeakKeyDictionary()
+_RUNNERS: "weakref.WeakKeyDictionary[keras.Model, Runner]" = weakref.WeakKeyDictionary()
 
 
-def _runner(model: keras.Model) -> _Runner:
+def runner_for(model: keras.Model) -> Runner:
     strategy = model.distribute_strategy
     runner = _RUNNERS.get(model)
     if runner is None or runner.strategy is not strategy:
-        runner = _Runner(model, strategy)
+        runner = Runner(model, strategy)
         _RUNNERS[model] = runner
     return runner
 
 
 @contextlib.contextmanager
-def _collecting_garbage() -> Iterator[None]:
+def collecting_garbage() -> Iterator[None]:
     """Collects garbage first, while no step runs on the workers.
 
     Input pipelines and functions left over by earlier calls are removed from the cluster when

@@ -14,14 +14,21 @@ from tfpar import _compat
 from tfpar import cluster as cluster_lib
 from tfpar._compat import internals
 from tfpar.coordinator import _patches
-from tfpar.coordinator._common import DEFAULT_MIN_SHARD_BYTES, ParameterServerOptions, VARIABLE_PARTITIONERS, _OPTIONS
+from tfpar.coordinator._common import (
+    DEFAULT_MIN_SHARD_BYTES,
+    STRATEGY_OPTIONS,
+    VARIABLE_PARTITIONERS,
+    ParameterServerOptions,
+)
 from tfpar.coordinator._reach import wait_until_workers_reach_ps
 
 _CONNECTED: "weakref.WeakSet[tf.distribute.ParameterServerStrategy]" = weakref.WeakSet()
 
 
 def parameter_server_strategy(
-    cluster: str | Mapping[str, Any] | tf.distribute.cluster_resolver.ClusterResolver | tf.train.ClusterSpec = "tf_config",
+    cluster: (
+        str | Mapping[str, Any] | tf.distribute.cluster_resolver.ClusterResolver | tf.train.ClusterSpec
+    ) = "tf_config",
     *,
     variable_partitioner: str | int | Callable[..., Any] | None = None,
     min_shard_bytes: int = DEFAULT_MIN_SHARD_BYTES,
@@ -116,7 +123,7 @@ def parameter_server_strategy(
         )
     partitioner = _make_partitioner(variable_partitioner, min_shard_bytes, ps)
     strategy = tf.distribute.ParameterServerStrategy(resolver, variable_partitioner=partitioner)
-    _OPTIONS[strategy] = ParameterServerOptions(
+    STRATEGY_OPTIONS[strategy] = ParameterServerOptions(
         staleness=None if staleness is None else int(staleness), variable_partitioner=partitioner
     )
     return enable(strategy)  # tfpar's fixes (and the coordinator loops) apply to its models

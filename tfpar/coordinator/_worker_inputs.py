@@ -7,14 +7,15 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
-from tfpar.coordinator._inputs import _Arrays
-from tfpar.coordinator._runner import _Runner
+
+from tfpar.coordinator._inputs import Arrays
+from tfpar.coordinator._runner import Runner
 
 
-class _WorkerArrays:
+class WorkerArrays:
     """Arrays on every worker (an endless per-worker dataset of the whole arrays)."""
 
-    def __init__(self, runner: _Runner, arrays: _Arrays) -> None:
+    def __init__(self, runner: Runner, arrays: Arrays) -> None:
         self.arrays = arrays
         data = arrays.data
 
@@ -28,11 +29,13 @@ class _WorkerArrays:
         self.iterator = iter(self.dataset)
 
 
-def _gather(data: Any, indices: tf.Tensor) -> Any:
+def gather(data: Any, indices: tf.Tensor) -> Any:
     return tf.nest.map_structure(lambda array: tf.gather(array, indices), data)
 
 
-def _pack_closures(batches: list[np.ndarray], per_closure: int, batch_size: int) -> list[tuple[np.ndarray, np.ndarray, int]]:
+def pack_closures(
+    batches: list[np.ndarray], per_closure: int, batch_size: int
+) -> list[tuple[np.ndarray, np.ndarray, int]]:
     """Groups index batches into fixed-shape closure arguments: (indices, splits, n)."""
     width = per_closure * batch_size
     packed = []
@@ -47,10 +50,10 @@ def _pack_closures(batches: list[np.ndarray], per_closure: int, batch_size: int)
     return packed
 
 
-class _BatchStream:
+class BatchStream:
     """Index batches for fit on arrays: passes over the data, continuing across epochs."""
 
-    def __init__(self, arrays: _Arrays, shuffle: Any) -> None:
+    def __init__(self, arrays: Arrays, shuffle: Any) -> None:
         self.arrays = arrays
         self.shuffle = shuffle
         self.pending: collections.deque[np.ndarray] = collections.deque()

@@ -58,6 +58,7 @@ def test_a_missing_target_is_a_loud_error_naming_it_and_the_verified_versions(mo
     message = str(caught.value)
     assert "TensorFlowTrainer.no_such_method (test-missing-target)" in message
     assert "Expected the versions tfpar was verified on: TensorFlow 2.21.0 / Keras 3.15.1" in message
+    assert re.search(r"pip install 'tensorflow[<>=,.0-9]+' 'keras[<>=,.0-9]+'", message)  # setup.cfg's bounds
     assert "test-missing-target" not in _compat.installed()
 
 

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.metadata
 import threading
 import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
 VERIFIED_VERSIONS: Mapping[str, str] = types.MappingProxyType({"tensorflow": "2.21.0", "keras": "3.15.1"})
-#: What setup.cfg allows; a missing target means the installed release is outside what was verified.
-SUPPORTED_RANGE = "'tensorflow>=2.16,<2.22' 'keras>=3.5,<3.16'"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,8 +152,18 @@ def _check_targets(interceptions: list[Interception]) -> None:
         f"tfpar cannot install its fixes of Keras / TensorFlow internals: this Keras ({keras.__version__}) "
         f"/ TensorFlow ({tf.__version__}) has no {', '.join(missing)}. Expected the versions tfpar "
         f"was verified on: {'; '.join(verified)}. Install a release in that line "
-        f"(pip install {SUPPORTED_RANGE})."
+        f"(pip install {_supported_range()})."
     )
+
+
+def _supported_range() -> str:
+    """tfpar's own TensorFlow / Keras requirements, as pip arguments (from its package metadata)."""
+    try:
+        requirements = importlib.metadata.requires("tfpar") or []
+    except importlib.metadata.PackageNotFoundError:
+        requirements = []
+    pins = [f"'{r}'" for r in requirements if r.startswith(("tensorflow", "keras")) and ";" not in r]
+    return " ".join(pins) or "'tensorflow' 'keras'"
 
 
 def resolve(target: str) -> tuple[Any, str]:

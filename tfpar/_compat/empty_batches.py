@@ -13,6 +13,7 @@ that is (``fit``'s own wrapper is shared-shuffle's). No upstream issue found.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -95,8 +96,12 @@ def maybe_guard_empty_batches(adapter: Any, dataset: tf.data.Dataset, strategy: 
 
 
 def _guarded_layer(layer: Any) -> bool:
-    owners = tuple(_patching.resolve(target)[0] for target in LAYER_CALLS)
-    return isinstance(layer, owners)
+    return isinstance(layer, _guarded_classes())
+
+
+@functools.cache
+def _guarded_classes() -> tuple[type, ...]:
+    return tuple(_patching.resolve(target)[0] for target in LAYER_CALLS)
 
 
 def _empty_safe(target: str) -> Callable[..., Any]:

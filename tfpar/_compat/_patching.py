@@ -68,7 +68,16 @@ _INSTALLED: list[str] = []  # slugs, in install order
 
 
 def declare(interception: Interception) -> Interception:
-    """Adds `interception` to the catalogue (at import of its module) and returns it."""
+    """Adds `interception` to the catalogue (at import of its module) and returns it.
+
+    Raises:
+        ValueError: If another interception already has its slug.
+
+    Example:
+    >>> INTERCEPTION = declare(Interception(
+    ...     slug="replica-build", summary="...", targets=(TARGET,), upstream_issue="keras-team/keras#20585",
+    ...     test="tests/test_exactness.py::test_numpy_fit_matches_single_device", patches={TARGET: replacement}))
+    """
     with LOCK:
         known = _DECLARED.get(interception.slug)
         if known is not None and known is not interception:
@@ -111,14 +120,17 @@ def install(*interceptions: Interception) -> None:
     Raises:
         RuntimeError: If a target is missing from the installed Keras / TensorFlow; the message
             names the targets and the versions the interceptions were verified on.
+
+    Example:
+    >>> install(exact_gradients.INTERCEPTION, step_function.INTERCEPTION)  # once; later calls do nothing
     """
     with LOCK:
         pending = [i for i in dict.fromkeys(interceptions) if i.slug not in _INSTALLED]
         if not pending:
             return
+        _check_targets(pending)
         for interception in pending:
             declare(interception)
-        _check_targets(pending)
         for interception in pending:
             for target, replacement in interception.patches.items():
                 owner, name = resolve(target)

@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 from tfpar import cluster
+from tfpar.cluster import _local
 
 TWO_WORKERS = {"worker": ["127.0.0.1:12345", "127.0.0.1:12346"]}
 
@@ -440,7 +441,7 @@ def test_write_path_rejects_non_paths():
 def test_local_cluster_validates_before_starting_servers(kwargs, error, message):
     with pytest.raises(error, match=message):
         cluster.local_cluster(**kwargs)
-    assert not cluster._LOCAL_CLUSTER
+    assert not _local._LOCAL_CLUSTER
 
 
 def test_free_ports_are_distinct():

@@ -71,7 +71,8 @@ def test_addresses_are_loopback_and_servers_listen(run):
 def test_tensorflow_servers_listen_on_all_interfaces_as_documented(run):
     # TensorFlow hard-codes "0.0.0.0:<port>" as the gRPC listening address (grpc_server_lib.cc),
     # whatever host the cluster spec names. tfpar's docs say so; if this fails, TensorFlow now
-    # binds the spec's host and the security notes in tfpar/cluster.py and launch.py must change.
+    # binds the spec's host and the security notes in tfpar/cluster/ (the package docstring and
+    # local_cluster) and in tfpar.launch must change.
     _, result = run
     for job in ("worker", "ps"):
         for address in result["spec"][job]:

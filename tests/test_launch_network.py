@@ -25,6 +25,7 @@ import pytest
 
 from tfpar import cluster
 from tfpar import launch as launch_module
+from tfpar.launch import _cli as launch_cli
 from tfpar.launch import launch, main
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -296,7 +297,7 @@ def test_network_host_puts_the_tasks_on_the_host_network(tmp_path):
 )
 def test_the_network_options_map_to_isolate_network(monkeypatch, argv, isolate):
     calls = []
-    monkeypatch.setattr(launch_module, "launch", lambda command, **kwargs: calls.append(kwargs) or 0)
+    monkeypatch.setattr(launch_cli, "launch", lambda command, **kwargs: calls.append(kwargs) or 0)
     assert main([*argv, "--", PY, "-c", "pass"]) == 0
     assert calls[0]["isolate_network"] is isolate
 

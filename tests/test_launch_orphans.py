@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tfpar import launch as launch_module
+from tfpar.launch._guard import GUARD_CODE, HELPER_FLAGS
 
 pytestmark = [
     pytest.mark.multiprocess,
@@ -285,7 +286,7 @@ def test_a_task_whose_launcher_died_before_the_guard_looked_is_stopped_at_once(t
     marker = tmp_path / "started"
     command = [PY, "-c", f"import os, time; open({str(marker)!r}, 'w').write(str(os.getpid())); time.sleep(600)"]
     guard = subprocess.Popen(
-        [PY, *launch_module._HELPER_FLAGS, "-c", launch_module._GUARD_CODE, "1", "2.0", "-", *command],
+        [PY, *HELPER_FLAGS, "-c", GUARD_CODE, "1", "2.0", "-", *command],
         stdin=subprocess.PIPE, start_new_session=True,
     )
     tracked.add([guard.pid])

@@ -186,9 +186,9 @@ def test_seeded_augment_fn_of_single_tensor_elements():
 
 def _augment_order(dataset):
     """'per-batch' if the augment map reads batches, 'per-example' if a batch reads its output."""
-    from tfpar.data import _graph
+    from tfpar.data import _dataset_graph
 
-    graph = _graph.graph_of(dataset)
+    graph = _dataset_graph.graph_of(dataset)
     node = graph.sink()
     while node is not None and node.input:
         below = graph.input_node(node.input[0])
@@ -277,7 +277,7 @@ def test_batched_input_is_refused_when_the_pipeline_batches(monkeypatch):
     assert [b.tolist() for b in rebatched.as_numpy_iterator()] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     # (example, scalar label) cannot come from a batch: its graph (and embedded arrays) is not
     # serialized to check.
-    from tfpar.data import _graph
+    from tfpar.data import _dataset_graph
 
-    monkeypatch.setattr(_graph, "graph_of", lambda dataset: pytest.fail("serialized an unbatched dataset"))
+    monkeypatch.setattr(_dataset_graph, "graph_of", lambda dataset: pytest.fail("serialized an unbatched dataset"))
     td.pipeline(_zeros(), batch_size=4)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import zipfile
+
 import keras
 import numpy as np
 import pytest
@@ -289,3 +292,29 @@ def test_optimizer_update_runs_on_the_stage_devices(virtual_devices):
         assert any(d.endswith(device) for d in subs)
     slots = {v.value.device.split("/device:")[-1] for v in placed.optimizer.variables if v.shape.rank}
     assert slots == {d.split("/device:")[-1] for d in virtual_devices[1:4]}
+
+
+def test_model_saved_under_the_old_module_path_still_loads(tmp_path, virtual_devices):
+    """SplitModel lived in tfpar/parallel/split.py; files saved then name that module in their config.
+
+    Keras finds the class by its registered name ("tfpar>SplitModel"), which the rename kept.
+    """
+    model = _branchy()
+    placed = split(model, virtual_devices[:2], microbatches=2)
+    path = tmp_path / "placed.keras"
+    placed.save(str(path))
+    old = tmp_path / "old.keras"
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(old, "w") as target:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            if item.filename == "config.json":
+                config = json.loads(data)
+                assert config["module"] == "tfpar.parallel.placed_model"
+                assert config["registered_name"] == "tfpar>SplitModel"
+                config["module"] = "tfpar.parallel.split"
+                data = json.dumps(config).encode()
+            target.writestr(item, data)
+    loaded = keras.models.load_model(str(old))
+    assert type(loaded) is type(placed) and loaded.plan == placed.plan
+    x = [np.ones((4, 8), "float32"), np.ones((4, 4), "float32")]
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), placed.predict(x, verbose=0), rtol=1e-6)

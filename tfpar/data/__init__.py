@@ -3,7 +3,7 @@
 * sharding (:mod:`tfpar.data.shard`): ``shard``, ``choose_policy``, ``source_files``,
   ``set_auto_shard_policy``, ``check_deterministic``: FILE when there are enough files, DATA otherwise,
   chosen explicitly; too few files or a random order are refused with the fix;
-* splitting (:mod:`tfpar.data.split`): ``split``, sequential or seeded random, exact and disjoint;
+* splitting (:mod:`tfpar.data.splitting`): ``split``, sequential or seeded random, exact and disjoint;
 * pipelines (:mod:`tfpar.data.pipeline`): ``pipeline`` (map, cache, shuffle, augment, batch, prefetch)
   and ``distribute`` (per-replica batches from ``strategy.distribute_datasets_from_function``);
 * readers (:mod:`tfpar.data.readers`): ``read_images``, ``read_tfrecords``, ``from_numpy``,
@@ -49,7 +49,7 @@ from tfpar.data.shard import (
     shard,
     source_files,
 )
-from tfpar.data.split import split
+from tfpar.data.splitting import split
 
 __all__ = [
     "Imputation",

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import tensorflow as tf
 
-from tfpar.data import _graph
+from tfpar.data import _dataset_graph
 
 # The package re-exports a *function* named `shard`, which shadows the submodule attribute.
 shard_lib = importlib.import_module("tfpar.data.shard")
@@ -470,7 +470,7 @@ def _check_unbatched(dataset: tf.data.Dataset, why: str, keep: str = "") -> None
     """
     if not _could_be_batched(dataset.element_spec):
         return
-    graph = _graph.graph_of(dataset)
+    graph = _dataset_graph.graph_of(dataset)
     if graph is None:
         return
     node = graph.sink()
@@ -482,13 +482,13 @@ def _check_unbatched(dataset: tf.data.Dataset, why: str, keep: str = "") -> None
                "RebatchDataset", "ExperimentalMapAndBatchDataset")
     hops = 0
     while node is not None and hops < 64:
-        if _graph.is_op(node.op, batches):
+        if _dataset_graph.is_op(node.op, batches):
             raise ValueError(
                 f"Expected unbatched examples: {why}. Received a dataset that ends with a "
                 f"{node.op} op (element_spec={dataset.element_spec}). Fix: pass the dataset "
                 f"before its .batch(...), or call .unbatch() on it{', ' + keep if keep else ''}."
             )
-        if not _graph.is_op(node.op, through) or not node.input:
+        if not _dataset_graph.is_op(node.op, through) or not node.input:
             return
         node = graph.input_node(node.input[0])
         hops += 1

@@ -10,7 +10,7 @@ the cases that would go wrong:
   the dataset has at least ``num_shards`` files and TensorFlow's FILE rewrite can reach the reader.
   The rewrite is TensorFlow's own (``tf.raw_ops.AutoShardDataset``), the one multi-worker
   strategies run; it moves an unseeded shuffle of the file list behind the shard, so
-  ``list_files`` works. How files are found is documented in :mod:`tfpar.data._graph`. Image
+  ``list_files`` works. How files are found is documented in :mod:`tfpar.data._dataset_graph`. Image
   folders read by :func:`tfpar.data.read_images` (which TensorFlow cannot FILE-shard) are rebuilt
   on shard ``index``'s share of the files, ``files[index::num_shards]``.
 * **DATA** (every shard reads everything and keeps every ``num_shards``-th element): used otherwise.
@@ -32,7 +32,7 @@ from typing import Literal
 
 import tensorflow as tf
 
-from tfpar.data import _graph, readers
+from tfpar.data import _dataset_graph, readers
 
 POLICIES = ("auto", "file", "data")
 _AUTO_SHARD_FILE = 1  # tf.data.experimental.AutoShardPolicy.FILE
@@ -219,7 +219,7 @@ def check_deterministic(dataset: tf.data.Dataset, purpose: str) -> None:
     Traceback (most recent call last):
     ValueError: DATA sharding needs the same element order in every process and every epoch, ...
     """
-    problems, unverifiable = _graph.find_nondeterminism(dataset)
+    problems, unverifiable = _dataset_graph.find_nondeterminism(dataset)
     if problems:
         hint = (
             " tf.data.Dataset.list_files shuffles without a seed unless given shuffle=False or "
@@ -277,11 +277,11 @@ def check_policy(policy: object) -> None:
 # === internals ===
 
 
-def _inspect(dataset: tf.data.Dataset, tensorflow_rewrite: bool = False) -> _graph.FileInfo:
+def _inspect(dataset: tf.data.Dataset, tensorflow_rewrite: bool = False) -> _dataset_graph.FileInfo:
     source = None if tensorflow_rewrite else readers.file_source(dataset)
     if source is not None:
-        return _graph.FileInfo(tuple(sorted(source.files)), (len(source.files),), True, "")
-    return _graph.inspect_files(dataset)
+        return _dataset_graph.FileInfo(tuple(sorted(source.files)), (len(source.files),), True, "")
+    return _dataset_graph.inspect_files(dataset)
 
 
 def _choose(
@@ -313,7 +313,7 @@ def _choose(
     return "data", why
 
 
-def _require_file_shardable(info: _graph.FileInfo, num_shards: int) -> None:
+def _require_file_shardable(info: _dataset_graph.FileInfo, num_shards: int) -> None:
     if not info.shardable:
         raise ValueError(
             "policy='file' needs a dataset that reads files through a TensorFlow reader "
@@ -371,7 +371,7 @@ def _warn_shared_shuffle_state(dataset: tf.data.Dataset, num_shards: int, index:
     taken = _DATA_SHARDS_MADE.setdefault(dataset, set())
     others = {i for n, i in taken if n == num_shards and i != index}
     taken.add((num_shards, index))
-    if others and _graph.reshuffles(dataset):
+    if others and _dataset_graph.reshuffles(dataset):
         warnings.warn(
             f"Shard {index} and shard(s) {sorted(others)} of {num_shards} come from the same "
             "dataset object, which reshuffles on every iteration: in one process they share that "

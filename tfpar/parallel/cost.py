@@ -30,7 +30,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfpar.parallel import graph as graph_lib
+from tfpar.parallel import layer_graph
 
 BALANCE_MODES = ("flops", "params", "memory", "time")
 
@@ -216,7 +216,7 @@ def layer_costs(
             f"Expected balance to be one of {list(BALANCE_MODES)} or a list of layer counts. "
             f"Received: balance={balance!r}"
         )
-    graph = graph_lib.from_model(model)
+    graph = layer_graph.from_model(model)
     if balance == "time":
         return measure_layer_times(model, graph, device=device, batch_size=batch_size, repeats=repeats)
     layers = layers_by_name(model)
@@ -244,7 +244,7 @@ def layers_by_name(model: Any) -> dict[str, Any]:
 
 def measure_layer_times(
     model: Any,
-    graph: graph_lib.LayerGraph | None = None,
+    graph: layer_graph.LayerGraph | None = None,
     *,
     device: str | None = None,
     batch_size: int = 32,
@@ -261,7 +261,7 @@ def measure_layer_times(
     Example:
     >>> times = tfpar.parallel.cost.measure_layer_times(model, device="cpu:0", batch_size=8)
     """
-    graph = graph or graph_lib.from_model(model)
+    graph = graph or layer_graph.from_model(model)
     device = device or "/device:CPU:0"
     rng = np.random.default_rng(0)
     steps = [_layer_step(node, graph, device, batch_size, rng) for node in graph.nodes]
@@ -313,7 +313,7 @@ def measure_partitions(
     Example:
     >>> tfpar.parallel.cost.measure_partitions(model, [[s.layers for s in p.stages] for p in plans])
     """
-    graph = graph_lib.from_model(model)
+    graph = layer_graph.from_model(model)
     rng = np.random.default_rng(0)
     steps, sizes = [], []
     for stages in partitions:
@@ -331,10 +331,10 @@ def measure_partitions(
 
 
 def _nodes_step(
-    nodes: Sequence[graph_lib.Node],
-    received: Sequence[graph_lib.TensorRef],
-    sent: Sequence[graph_lib.TensorRef] | None,
-    graph: graph_lib.LayerGraph,
+    nodes: Sequence[layer_graph.Node],
+    received: Sequence[layer_graph.TensorRef],
+    sent: Sequence[layer_graph.TensorRef] | None,
+    graph: layer_graph.LayerGraph,
     device: str,
     batch_size: int,
     rng: np.random.Generator,
@@ -351,11 +351,11 @@ def _nodes_step(
                 tape.watch(floats)
                 values = dict(inputs)
                 for node, layer in zip(nodes, layers):
-                    kwargs = dict(graph_lib.fill(node.kwargs, values.__getitem__))
+                    kwargs = dict(layer_graph.fill(node.kwargs, values.__getitem__))
                     kwargs.setdefault("training", True)
-                    outputs = layer(*graph_lib.fill(node.args, values.__getitem__), **kwargs)
+                    outputs = layer(*layer_graph.fill(node.args, values.__getitem__), **kwargs)
                     for t, tensor in enumerate(keras.tree.flatten(outputs)):
-                        values[graph_lib.TensorRef(node.name, 0, t)] = tensor
+                        values[layer_graph.TensorRef(node.name, 0, t)] = tensor
                 targets = [values[r] for r in sent] if sent is not None else [
                     v for r, v in values.items() if r not in inputs
                 ]
@@ -368,13 +368,13 @@ def _nodes_step(
     return step
 
 
-def random_input(spec: graph_lib.TensorSpec, batch_size: int, rng: np.random.Generator) -> tf.Tensor:
+def random_input(spec: layer_graph.TensorSpec, batch_size: int, rng: np.random.Generator) -> tf.Tensor:
     """A random tensor for a graph tensor spec, with `batch_size` as the batch dimension.
 
     Floating tensors are standard normal, booleans random, integers zero (valid indices).
 
     Example:
-    >>> spec = tfpar.parallel.graph.TensorSpec((None, 3), "float32")
+    >>> spec = tfpar.parallel.layer_graph.TensorSpec((None, 3), "float32")
     >>> tfpar.parallel.cost.random_input(spec, 2, np.random.default_rng(0)).shape
     TensorShape([2, 3])
     """
@@ -388,7 +388,7 @@ def random_input(spec: graph_lib.TensorSpec, batch_size: int, rng: np.random.Gen
 
 
 def _layer_step(
-    node: graph_lib.Node, graph: graph_lib.LayerGraph, device: str, batch_size: int, rng: np.random.Generator
+    node: layer_graph.Node, graph: layer_graph.LayerGraph, device: str, batch_size: int, rng: np.random.Generator
 ) -> Any:
     return _nodes_step([node], node.inputs, None, graph, device, batch_size, rng)
 

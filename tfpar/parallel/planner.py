@@ -18,9 +18,9 @@ import numpy as np
 
 from tfpar import devices as devices_lib
 from tfpar.parallel import cost as cost_lib
-from tfpar.parallel import graph as graph_lib
+from tfpar.parallel import gpipe
+from tfpar.parallel import layer_graph
 from tfpar.parallel import partition as partition_lib
-from tfpar.parallel import pipeline
 from tfpar.parallel import report
 
 
@@ -148,12 +148,12 @@ class Plan:
     @property
     def bubble(self) -> float:
         """Predicted GPipe bubble fraction ``(p - 1) / (m + p - 1)`` of the plan's micro-batches."""
-        return pipeline.bubble_fraction(self.num_stages, self.microbatches)
+        return gpipe.bubble_fraction(self.num_stages, self.microbatches)
 
     def predicted_step_time(self, microbatches: int | None = None) -> float:
-        """Simulated GPipe step time in the balance unit (see :func:`pipeline.simulate`)."""
+        """Simulated GPipe step time in the balance unit (see :func:`gpipe.simulate`)."""
         m = self.microbatches if microbatches is None else microbatches
-        return pipeline.simulate([stage.load for stage in self.stages], m).makespan
+        return gpipe.simulate([stage.load for stage in self.stages], m).makespan
 
     @property
     def placement(self) -> dict[str, str]:
@@ -165,7 +165,7 @@ class Plan:
         for stage in self.stages:
             if layer in stage.layers:
                 return stage
-        raise ValueError(graph_lib.unknown_layer_message(layer, tuple(self.layer_costs), self.model_name))
+        raise ValueError(layer_graph.unknown_layer_message(layer, tuple(self.layer_costs), self.model_name))
 
     def summary(self) -> str:
         """The plan as a text table: stage, device, layers, cost, share, memory, receives.
@@ -279,7 +279,7 @@ def plan(
     [8, 16]
     """
     _check_arguments(balance, microbatches, batch_size, optimizer_slots, split_points, time_repeats)
-    graph = graph_lib.from_model(model)
+    graph = layer_graph.from_model(model)
     names = graph.layer_names
     device_names = _resolve_devices(devices, check_devices)
     k = len(device_names)
@@ -375,7 +375,7 @@ def _check_arguments(
             raise TypeError(f"Expected {name} to be an int. Received: {name}={value!r} (of type {type(value).__name__})")
         if value < low:
             raise ValueError(f"Expected {name} >= {low}. Received: {name}={value}")
-    pipeline.check_microbatches(microbatches)
+    gpipe.check_microbatches(microbatches)
 
 
 def _resolve_devices(devices: Sequence[Any] | int, check: bool) -> tuple[str, ...]:
@@ -480,7 +480,7 @@ def _sizes_from_split_points(points: Sequence[str], names: Sequence[str], k: int
     starts = [0]
     for point in points:
         if point not in index:
-            raise ValueError(graph_lib.unknown_layer_message(point, names, model))
+            raise ValueError(layer_graph.unknown_layer_message(point, names, model))
         starts.append(index[point])
     if any(b <= a for a, b in zip(starts, starts[1:])):
         raise ValueError(
@@ -496,7 +496,7 @@ def _stage_layers(names: Sequence[str], sizes: Sequence[int]) -> list[tuple[str,
     return [tuple(names[bounds[j]:bounds[j + 1]]) for j in range(len(sizes))]
 
 
-def _received_bytes(graph: graph_lib.LayerGraph, stage_layers: Sequence[Sequence[str]]) -> list[int]:
+def _received_bytes(graph: layer_graph.LayerGraph, stage_layers: Sequence[Sequence[str]]) -> list[int]:
     received = []
     for refs in graph.cuts(stage_layers):
         total = 0

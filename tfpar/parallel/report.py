@@ -24,7 +24,7 @@ import keras
 import tensorflow as tf
 
 from tfpar.parallel import cost as cost_lib
-from tfpar.parallel import pipeline
+from tfpar.parallel import gpipe
 
 _PLUMBING = {"_Send", "_Recv", "_Arg", "_Retval", "_DeviceArg", "_DeviceRetval", "NoOp", "Const",
              "_EagerConst", "Identity", "IdentityN", "ReadVariableOp", "_HostSend", "_HostRecv"}
@@ -263,9 +263,9 @@ def placement_report(model: Any, inputs: Any, *, training: bool = True, gradient
     variables = list(model.trainable_variables)
 
     planned = getattr(model, "plan", None)
-    # A split model's train_step places its loss and gradient sums (pipeline.placed_step); the
+    # A split model's train_step places its loss and gradient sums (gpipe.placed_step); the
     # report runs the step the same way. Plain models run as Keras runs them.
-    placement = pipeline.placed_step if planned is not None else contextlib.nullcontext
+    placement = gpipe.placed_step if planned is not None else contextlib.nullcontext
 
     @tf.function
     def step(x: Any) -> Any:

@@ -10,7 +10,7 @@ same elements in the same order) and identical in every process:
 
 Both address elements by position, so the input's order must be deterministic: an unseeded shuffle
 or a ``deterministic=False`` parallel op before the split is refused (the same check as DATA
-sharding, see :mod:`tfpar.data._graph`). Split first, then shuffle each part.
+sharding, see :mod:`tfpar.data._dataset_graph`). Split first, then shuffle each part.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ shard_lib = importlib.import_module("tfpar.data.shard")
 
 MODES = ("sequential", "random")
 
-logger = logging.getLogger(__name__)
+# The logger keeps the name it had before the module was renamed (users may configure it).
+logger = logging.getLogger("tfpar.data.split")
 
 
 def split(

@@ -31,7 +31,7 @@ class TensorRef:
     """A tensor in the graph: output `index` of node `node` of layer `layer` (Keras's keras_history).
 
     Example:
-    >>> tfpar.parallel.graph.TensorRef("block1_conv1", 0, 0)
+    >>> tfpar.parallel.layer_graph.TensorRef("block1_conv1", 0, 0)
     TensorRef(layer='block1_conv1', node=0, index=0)
     """
 
@@ -77,7 +77,7 @@ class LayerGraph:
     """The dataflow graph of a model; see the module docstring.
 
     Example:
-    >>> graph = tfpar.parallel.graph.from_model(model)
+    >>> graph = tfpar.parallel.layer_graph.from_model(model)
     >>> graph.cuts([["dense_a"], ["dense_b", "logits"]])
     ((TensorRef(layer='features', node=0, index=0),), (TensorRef(layer='dense_a', node=0, index=0),))
     """
@@ -173,7 +173,7 @@ def from_model(model: Any) -> LayerGraph:
         ValueError: If the model is not built, or calls a layer more than once.
 
     Example:
-    >>> graph = tfpar.parallel.graph.from_model(tfpar.models.vgg16())
+    >>> graph = tfpar.parallel.layer_graph.from_model(tfpar.models.vgg16())
     >>> graph.layer_names[:2]
     ('block1_conv1', 'block1_conv2')
     """
@@ -211,7 +211,7 @@ def model_config(model: Any) -> dict[str, Any]:
     """The graph config of a model: ``{"class_name": "Functional"|"Sequential", "config": ...}``.
 
     Example:
-    >>> tfpar.parallel.graph.model_config(tfpar.models.vgg16())["class_name"]
+    >>> tfpar.parallel.layer_graph.model_config(tfpar.models.vgg16())["class_name"]
     'Functional'
 
 
@@ -236,8 +236,8 @@ def from_config(serialized: Mapping[str, Any]) -> LayerGraph:
     """Builds a :class:`LayerGraph` from :func:`model_config` output (pure; no TensorFlow).
 
     Example:
-    >>> config = tfpar.parallel.graph.model_config(model)
-    >>> tfpar.parallel.graph.from_config(config).layer_names == tuple(l.name for l in model.layers)
+    >>> config = tfpar.parallel.layer_graph.model_config(model)
+    >>> tfpar.parallel.layer_graph.from_config(config).layer_names == tuple(l.name for l in model.layers)
     True
     """
     config = serialized["config"]
@@ -375,8 +375,8 @@ def refs_in(template: Any) -> list[TensorRef]:
     """The TensorRef leaves of a template, in order.
 
     Example:
-    >>> ref = tfpar.parallel.graph.TensorRef("a", 0, 0)
-    >>> tfpar.parallel.graph.refs_in(([ref], {"mask": None}))
+    >>> ref = tfpar.parallel.layer_graph.TensorRef("a", 0, 0)
+    >>> tfpar.parallel.layer_graph.refs_in(([ref], {"mask": None}))
     [TensorRef(layer='a', node=0, index=0)]
     """
     if isinstance(template, TensorRef):
@@ -392,8 +392,8 @@ def fill(template: Any, lookup: Callable[[TensorRef], Any]) -> Any:
     """Replaces each TensorRef leaf of a template with ``lookup(ref)``.
 
     Example:
-    >>> ref = tfpar.parallel.graph.TensorRef("a", 0, 0)
-    >>> tfpar.parallel.graph.fill([ref, 2], {ref: 1}.__getitem__)
+    >>> ref = tfpar.parallel.layer_graph.TensorRef("a", 0, 0)
+    >>> tfpar.parallel.layer_graph.fill([ref, 2], {ref: 1}.__getitem__)
     [1, 2]
     """
     if isinstance(template, TensorRef):
@@ -411,7 +411,7 @@ def unknown_layer_message(name: Any, known: Sequence[str], model_name: str) -> s
     """The ValueError message for a layer name that is not in a model, naming the closest ones.
 
     Example:
-    >>> tfpar.parallel.graph.unknown_layer_message("fc3", ["fc1", "fc2"], "vgg16")[:49]
+    >>> tfpar.parallel.layer_graph.unknown_layer_message("fc3", ["fc1", "fc2"], "vgg16")[:49]
     "Expected the name of a layer of model 'vgg16'. Re"
     """
     close = difflib.get_close_matches(str(name), list(known), n=3)

@@ -30,7 +30,7 @@ def check_microbatches(microbatches: Any, *, allow_none: bool = False) -> None:
     """Raises TypeError/ValueError unless `microbatches` is an int >= 1 or ``"auto"``.
 
     Example:
-    >>> tfpar.parallel.pipeline.check_microbatches("auto")
+    >>> tfpar.parallel.gpipe.check_microbatches("auto")
     """
     if microbatches is None and allow_none:
         return
@@ -66,7 +66,7 @@ def schedule(num_stages: int, microbatches: int) -> list[list[tuple[str, int] | 
     slot ``(m + p - 1) + (p - 1 - s) + (m - 1 - i)``.
 
     Example:
-    >>> tfpar.parallel.pipeline.schedule(2, 2)[0]
+    >>> tfpar.parallel.gpipe.schedule(2, 2)[0]
     [('F', 0), ('F', 1), None, None, ('B', 1), ('B', 0)]
     """
     bubble_fraction(num_stages, microbatches)  # validates
@@ -85,7 +85,7 @@ class Simulation:
     """Result of :func:`simulate`: step makespan and the idle fraction of the stage-time.
 
     Example:
-    >>> tfpar.parallel.pipeline.simulate([1.0], 1)
+    >>> tfpar.parallel.gpipe.simulate([1.0], 1)
     Simulation(makespan=3.0, bubble=0.0)
     """
 
@@ -109,7 +109,7 @@ def simulate(stage_times: Sequence[float], microbatches: int, *, backward_ratio:
         latter is exactly :func:`bubble_fraction`.
 
     Example:
-    >>> round(tfpar.parallel.pipeline.simulate([1.0, 1.0], 4).bubble, 6)
+    >>> round(tfpar.parallel.gpipe.simulate([1.0, 1.0], 4).bubble, 6)
     0.2
     """
     p, m = len(stage_times), microbatches
@@ -137,7 +137,7 @@ def microbatch_bounds(batch: tf.Tensor, microbatches: int) -> list[tf.Tensor]:
     """Start offsets ``floor(i * B / m)`` for ``i = 0..m`` of a dynamic batch size ``B``.
 
     Example:
-    >>> [int(b) for b in tfpar.parallel.pipeline.microbatch_bounds(tf.constant(7), 3)]
+    >>> [int(b) for b in tfpar.parallel.gpipe.microbatch_bounds(tf.constant(7), 3)]
     [0, 2, 4, 7]
     """
     return [(batch * i) // microbatches for i in range(microbatches + 1)]
@@ -148,7 +148,7 @@ def split_batch(tensor: tf.Tensor, bounds: Sequence[tf.Tensor]) -> list[tf.Tenso
 
     Example:
     >>> x = tf.zeros((7, 2))
-    >>> [p.shape[0] for p in tfpar.parallel.pipeline.split_batch(x, [0, 2, 4, 7])]
+    >>> [p.shape[0] for p in tfpar.parallel.gpipe.split_batch(x, [0, 2, 4, 7])]
     [2, 2, 3]
     """
     return [tensor[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
@@ -169,7 +169,7 @@ def placed_step() -> Iterator[None]:
     Example:
     >>> @tf.function
     ... def train_step(x, y):
-    ...     with tfpar.parallel.pipeline.placed_step():
+    ...     with tfpar.parallel.gpipe.placed_step():
     ...         with tf.GradientTape() as tape:
     ...             loss = loss_fn(y, placed(x, training=True))
     ...         optimizer.apply(tape.gradient(loss, placed.trainable_variables), placed.trainable_variables)

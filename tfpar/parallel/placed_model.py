@@ -43,8 +43,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfpar.parallel import cost as cost_lib
-from tfpar.parallel import graph as graph_lib
-from tfpar.parallel import pipeline
+from tfpar.parallel import gpipe
+from tfpar.parallel import layer_graph
 from tfpar.parallel import planner as plan_lib
 
 BATCH_NORM_MODES = ("full_batch", "microbatch")
@@ -59,20 +59,20 @@ class _Block:
     """
 
     barrier: bool
-    nodes: tuple[graph_lib.Node, ...]
-    inputs: tuple[graph_lib.TensorRef, ...] = ()
-    outputs: tuple[graph_lib.TensorRef, ...] = ()
+    nodes: tuple[layer_graph.Node, ...]
+    inputs: tuple[layer_graph.TensorRef, ...] = ()
+    outputs: tuple[layer_graph.TensorRef, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
 class _Wiring:
     """Immutable wiring of the split model (kept out of Keras attribute tracking)."""
 
-    graph: graph_lib.LayerGraph
+    graph: layer_graph.LayerGraph
     blocks: tuple[tuple[_Block, ...], ...]
     whole: tuple[tuple[_Block, ...], ...]
-    receives: tuple[tuple[graph_lib.TensorRef, ...], ...]
-    sends: tuple[tuple[graph_lib.TensorRef, ...], ...]
+    receives: tuple[tuple[layer_graph.TensorRef, ...], ...]
+    sends: tuple[tuple[layer_graph.TensorRef, ...], ...]
     owner: Mapping[str, int]
 
 
@@ -109,13 +109,13 @@ class SplitModel(keras.Model):
         **kwargs: Any,
     ) -> None:
         _check_batch_norm(batch_norm)
-        pipeline.check_microbatches(microbatches)
+        gpipe.check_microbatches(microbatches)
         if not isinstance(microbatches, int):
             raise ValueError(f"Expected an int number of micro-batches. Received: microbatches={microbatches!r}")
         _check_no_strategy("build a split model")
         if not isinstance(plan, plan_lib.Plan):
             plan = plan_lib.Plan.from_config(plan)
-        graph = graph_lib.from_config(model_config)
+        graph = layer_graph.from_config(model_config)
         graph.check_order([name for stage in plan.stages for name in stage.layers])
         super().__init__(**kwargs)
         # XLA compiles a cluster for one device, which would undo the placement; Keras then
@@ -145,8 +145,8 @@ class SplitModel(keras.Model):
 
     # === Construction ===
 
-    def _build_layers(self, graph: graph_lib.LayerGraph, plan: plan_lib.Plan) -> list[Any]:
-        symbolic: dict[graph_lib.TensorRef, Any] = {
+    def _build_layers(self, graph: layer_graph.LayerGraph, plan: plan_lib.Plan) -> list[Any]:
+        symbolic: dict[layer_graph.TensorRef, Any] = {
             spec.ref: keras.Input(batch_shape=spec.shape, dtype=spec.dtype, name=spec.name)
             for spec in graph.inputs
         }
@@ -157,11 +157,11 @@ class SplitModel(keras.Model):
                     node = graph.node(name)
                     layer = keras.saving.deserialize_keras_object(dict(node.layer_config))
                     outputs = layer(
-                        *graph_lib.fill(node.args, symbolic.__getitem__),
-                        **graph_lib.fill(node.kwargs, symbolic.__getitem__),
+                        *layer_graph.fill(node.args, symbolic.__getitem__),
+                        **layer_graph.fill(node.kwargs, symbolic.__getitem__),
                     )
                     for t, tensor in enumerate(keras.tree.flatten(outputs)):
-                        symbolic[graph_lib.TensorRef(name, 0, t)] = tensor
+                        symbolic[layer_graph.TensorRef(name, 0, t)] = tensor
                     layers.append(layer)
         return layers
 
@@ -198,8 +198,8 @@ class SplitModel(keras.Model):
                 values = [bound]
             else:
                 batch = tf.shape(next(iter(bound.values())))[0]
-                bounds = pipeline.microbatch_bounds(batch, m)
-                parts = {ref: pipeline.split_batch(t, bounds) for ref, t in bound.items()}
+                bounds = gpipe.microbatch_bounds(batch, m)
+                parts = {ref: gpipe.split_batch(t, bounds) for ref, t in bound.items()}
                 values = [{ref: parts[ref][i] for ref in bound} for i in range(m)]
         for s in range(len(self._plan.stages)):
             inputs_s = [[values[i][ref] for ref in wiring.receives[s]] for i in range(m)]
@@ -207,13 +207,13 @@ class SplitModel(keras.Model):
             for i in range(m):
                 values[i].update(zip(wiring.sends[s], outputs_s[i]))
 
-        def output(ref: graph_lib.TensorRef) -> Any:
+        def output(ref: layer_graph.TensorRef) -> Any:
             if m == 1:
                 return values[0][ref]
             with tf.device(self._plan.stages[wiring.owner[ref.layer]].device):
                 return tf.concat([values[i][ref] for i in range(m)], axis=0)
 
-        return graph_lib.fill(wiring.graph.outputs, output)
+        return layer_graph.fill(wiring.graph.outputs, output)
 
     def _run_stage(self, s: int, inputs: list[list[tf.Tensor]], training: bool | None) -> list[list[tf.Tensor]]:
         """Runs stage `s` on every micro-batch; returns, per micro-batch, the tensors it sends.
@@ -251,7 +251,7 @@ class SplitModel(keras.Model):
             values = dict(zip(block.inputs, tensors))
             for node in block.nodes:
                 for t, tensor in enumerate(_call(layers[node.name], node, values)):
-                    values[graph_lib.TensorRef(node.name, 0, t)] = tensor
+                    values[layer_graph.TensorRef(node.name, 0, t)] = tensor
             return [values[ref] for ref in block.outputs]
 
         return run
@@ -263,8 +263,8 @@ class SplitModel(keras.Model):
         def run(tensors: list[tf.Tensor]) -> list[tf.Tensor]:
             per_mb = [tensors[i * n_in:(i + 1) * n_in] for i in range(m)]
             whole = [tf.concat([mb[j] for mb in per_mb], axis=0) for j in range(n_in)]
-            bounds = pipeline.microbatch_bounds(tf.shape(whole[0])[0], m)
-            parts = [pipeline.split_batch(tensor, bounds) for tensor in run_block(whole)]
+            bounds = gpipe.microbatch_bounds(tf.shape(whole[0])[0], m)
+            parts = [gpipe.split_batch(tensor, bounds) for tensor in run_block(whole)]
             return [part[i] for i in range(m) for part in parts]
 
         return run
@@ -273,8 +273,8 @@ class SplitModel(keras.Model):
 
     def train_step(self, data: Any) -> Any:
         # The loss, the sums of per-micro-batch gradients and the optimizer's update arithmetic
-        # are created without a device; see pipeline.placed_step.
-        with pipeline.placed_step():
+        # are created without a device; see gpipe.placed_step.
+        with gpipe.placed_step():
             return super().train_step(data)
 
     def make_train_function(self, force: bool = False) -> Any:
@@ -357,7 +357,7 @@ def split(
     >>> placed.fit(x, y, batch_size=32)
     """
     _check_batch_norm(batch_norm)
-    pipeline.check_microbatches(microbatches, allow_none=True)
+    gpipe.check_microbatches(microbatches, allow_none=True)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"Expected batch_size to be an int >= 1 or None. Received: batch_size={batch_size!r}")
     _check_no_strategy("call tfpar.parallel.split()")
@@ -372,17 +372,17 @@ def split(
         if batch_size is not None:
             plan_options.setdefault("batch_size", batch_size)
         the_plan = plan_lib.plan(model, plan_or_devices, **plan_options)
-    config = graph_lib.model_config(model)
-    graph_lib.from_model(model).check_order([n for stage in the_plan.stages for n in stage.layers])
+    config = layer_graph.model_config(model)
+    layer_graph.from_model(model).check_order([n for stage in the_plan.stages for n in stage.layers])
     m = the_plan.microbatches if microbatches is None else microbatches
-    start = 1 if m == pipeline.AUTO else m
+    start = 1 if m == gpipe.AUTO else m
     # The model's plan records the micro-batch count it runs with (bubble, predicted step time).
     placed = SplitModel(config, dataclasses.replace(the_plan, microbatches=start),
                         microbatches=start, batch_norm=batch_norm, name=model.name)
     originals = cost_lib.layers_by_name(model)
     for layer in placed.split_layers:
         layer.set_weights(originals[layer.name].get_weights())
-    if m == pipeline.AUTO:
+    if m == gpipe.AUTO:
         timings = _tune(placed, batch_size or the_plan.batch_size)
         best = min(timings, key=lambda k: (timings[k], k))
         placed = _with_microbatches(placed, best, timings)
@@ -394,9 +394,9 @@ def _tune(model: SplitModel, batch_size: int) -> dict[int, float]:
     rng = np.random.default_rng(0)
     graph = model._wiring.graph
     with tf.device(model.plan.stages[0].device):
-        values = {spec.ref: cost_lib.random_input(graph_lib.TensorSpec(spec.shape, spec.dtype), batch_size, rng)
+        values = {spec.ref: cost_lib.random_input(layer_graph.TensorSpec(spec.shape, spec.dtype), batch_size, rng)
                   for spec in graph.inputs}
-    inputs = graph_lib.fill(graph.input_structure, values.__getitem__)
+    inputs = layer_graph.fill(graph.input_structure, values.__getitem__)
     saved = [v.numpy() for v in model.non_trainable_variables]
 
     def step_for(m: int) -> Any:
@@ -414,7 +414,7 @@ def _tune(model: SplitModel, batch_size: int) -> dict[int, float]:
             model._microbatches = previous
 
     try:
-        return pipeline.tune_microbatches(step_for, batch_size)
+        return gpipe.tune_microbatches(step_for, batch_size)
     finally:
         for variable, value in zip(model.non_trainable_variables, saved):
             variable.assign(value)
@@ -469,19 +469,19 @@ def _placed(device: str, scope: str, fn: Any, inputs: list[tf.Tensor]) -> list[t
         return list(wrapped(*inputs))
 
 
-def _call(layer: Any, node: graph_lib.Node, values: Mapping[graph_lib.TensorRef, Any]) -> list[Any]:
-    outputs = layer(*graph_lib.fill(node.args, values.__getitem__), **graph_lib.fill(node.kwargs, values.__getitem__))
+def _call(layer: Any, node: layer_graph.Node, values: Mapping[layer_graph.TensorRef, Any]) -> list[Any]:
+    outputs = layer(*layer_graph.fill(node.args, values.__getitem__), **layer_graph.fill(node.kwargs, values.__getitem__))
     return keras.tree.flatten(outputs)
 
 
 def _blocks(
-    graph: graph_lib.LayerGraph,
+    graph: layer_graph.LayerGraph,
     names: Sequence[str],
     layers: Mapping[str, Any],
-    sent: Sequence[graph_lib.TensorRef],
+    sent: Sequence[layer_graph.TensorRef],
 ) -> tuple[_Block, ...]:
     """Cuts a stage into runs of nodes, each batch-statistics layer (per `layers`) on its own."""
-    groups: list[tuple[bool, list[graph_lib.Node]]] = []
+    groups: list[tuple[bool, list[layer_graph.Node]]] = []
     for name in names:
         node = graph.node(name)
         barrier = name in layers and _uses_batch_statistics(layers[name])
@@ -499,7 +499,7 @@ def _blocks(
     return tuple(blocks)
 
 
-def _order(nodes: Sequence[graph_lib.Node]) -> Any:
+def _order(nodes: Sequence[layer_graph.Node]) -> Any:
     position = {n.name: i for i, n in enumerate(nodes)}
     return lambda ref: (position[ref.layer], ref.index)
 
@@ -512,10 +512,10 @@ def _uses_batch_statistics(layer: Any) -> bool:
     return False
 
 
-def _bind_inputs(graph: graph_lib.LayerGraph, inputs: Any) -> dict[graph_lib.TensorRef, tf.Tensor]:
+def _bind_inputs(graph: layer_graph.LayerGraph, inputs: Any) -> dict[layer_graph.TensorRef, tf.Tensor]:
     structure = graph.input_structure
     specs = {spec.ref: spec for spec in graph.inputs}
-    if isinstance(structure, graph_lib.TensorRef):
+    if isinstance(structure, layer_graph.TensorRef):
         if isinstance(inputs, (list, tuple)) and len(inputs) == 1:
             inputs = inputs[0]
         pairs = [(structure, inputs)]

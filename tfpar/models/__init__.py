@@ -10,7 +10,6 @@ Example:
     >>> model = tfpar.models.get("alexnet", input_shape=(64, 64, 3), num_classes=10)
 """
 
-from tfpar.models import registry
 from tfpar.models.alexnet import LocalResponseNormalization, alexnet
 from tfpar.models.registry import (
     accepted_options,
@@ -19,8 +18,8 @@ from tfpar.models.registry import (
     get,
     min_input_size,
     register,
-    resnet50,
 )
+from tfpar.models.resnet import resnet50
 from tfpar.models.vgg import vgg, vgg11, vgg13, vgg16, vgg19
 
 # The built-in names. "vggN_bn" are the batch-normalized variants (torchvision's names).
@@ -28,7 +27,7 @@ register("alexnet", alexnet)
 for _depth in (11, 13, 16, 19):
     register(f"vgg{_depth}", vgg, preset={"depth": _depth})
     register(f"vgg{_depth}_bn", vgg, preset={"depth": _depth, "batch_norm": True})
-register("resnet50", registry.resnet50)
+register("resnet50", resnet50)
 del _depth
 
 __all__ = [

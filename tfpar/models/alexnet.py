@@ -22,7 +22,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from tfpar.models import registry
+from tfpar.models import _blocks
 
 # (filters, kernel, stride, padding, local response normalization in the paper, max-pool after)
 _CONVS = (
@@ -201,7 +201,7 @@ def alexnet(
         ...     model = tfpar.models.alexnet(input_shape=(64, 64, 3), num_classes=10, width=0.125)
         ...     model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
     """
-    shape = registry._check_common(
+    shape = _blocks.check_common(
         model="alexnet",
         input_shape=input_shape,
         num_classes=num_classes,
@@ -219,17 +219,17 @@ def alexnet(
             "('lrn' is the paper's local response normalization). "
             f"Received: normalization={normalization!r}"
         )
-    registry._check_min_size(shape, MIN_INPUT_SIZE, "alexnet", _MIN_SIZE_REASON)
+    _blocks.check_min_size(shape, MIN_INPUT_SIZE, "alexnet", _MIN_SIZE_REASON)
     heights, widths = _pool_inputs(shape[0]), _pool_inputs(shape[1])
 
-    fmt = registry._DATA_FORMAT
+    fmt = _blocks.DATA_FORMAT
     batchnorm = normalization == "batchnorm"
     inputs = keras.Input(shape=shape, name="input")
     x = inputs
     pool = 0
     for index, (filters, kernel, stride, padding, paper_lrn, pool_after) in enumerate(_CONVS, 1):
         x = keras.layers.Conv2D(
-            registry._scaled(filters, width),
+            _blocks.scaled(filters, width),
             kernel,
             strides=stride,
             padding=padding,
@@ -238,7 +238,7 @@ def alexnet(
             name=f"conv{index}",
         )(x)
         if batchnorm:
-            x = registry._batch_norm(f"bn{index}", sync_batchnorm)(x)
+            x = _blocks.batch_norm(f"bn{index}", sync_batchnorm)(x)
             x = keras.layers.Activation("relu", name=f"relu{index}")(x)
         elif normalization == "lrn" and paper_lrn:
             x = LocalResponseNormalization(name=f"lrn{index}")(x)
@@ -253,11 +253,11 @@ def alexnet(
             )(x)
             pool += 1
 
-    outputs = registry._head(
+    outputs = _blocks.head(
         x,
         include_top=include_top,
         pooling=pooling,
-        fc_units=registry._scaled(_FC_UNITS, width),
+        fc_units=_blocks.scaled(_FC_UNITS, width),
         num_classes=num_classes,
         classifier_activation=classifier_activation,
         dropout=dropout,
@@ -265,4 +265,4 @@ def alexnet(
     return keras.Model(inputs, outputs, name=name or "alexnet")
 
 
-registry._declare_min_input_size(alexnet, MIN_INPUT_SIZE, _MIN_SIZE_REASON)
+_blocks.declare_min_input_size(alexnet, MIN_INPUT_SIZE, _MIN_SIZE_REASON)

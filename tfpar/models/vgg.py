@@ -16,7 +16,7 @@ from typing import Any
 
 import keras
 
-from tfpar.models import registry
+from tfpar.models import _blocks
 
 # depth -> convolutions in each of the five blocks (the paper's configurations A, B, D, E).
 _CONVS_PER_BLOCK = {
@@ -100,7 +100,7 @@ def vgg(
             f"Unsupported VGG depth. Expected one of {valid}. Received: depth={depth}"
         )
     model = f"vgg{depth}"
-    shape = registry._check_common(
+    shape = _blocks.check_common(
         model=model,
         input_shape=input_shape,
         num_classes=num_classes,
@@ -117,15 +117,15 @@ def vgg(
             f"{model}: expected `batch_norm` to be True or False. "
             f"Received: batch_norm={batch_norm!r} (of type {type(batch_norm).__name__})"
         )
-    registry._check_min_size(shape, MIN_INPUT_SIZE, model, _MIN_SIZE_REASON)
+    _blocks.check_min_size(shape, MIN_INPUT_SIZE, model, _MIN_SIZE_REASON)
 
-    fmt = registry._DATA_FORMAT
+    fmt = _blocks.DATA_FORMAT
     inputs = keras.Input(shape=shape, name="input")
     x = inputs
     for block, (convs, filters) in enumerate(zip(_CONVS_PER_BLOCK[depth], _FILTERS), 1):
         for conv in range(1, convs + 1):
             x = keras.layers.Conv2D(
-                registry._scaled(filters, width),
+                _blocks.scaled(filters, width),
                 (3, 3),
                 padding="same",
                 activation=None if batch_norm else "relu",
@@ -133,17 +133,17 @@ def vgg(
                 name=f"block{block}_conv{conv}",
             )(x)
             if batch_norm:
-                x = registry._batch_norm(f"block{block}_bn{conv}", sync_batchnorm)(x)
+                x = _blocks.batch_norm(f"block{block}_bn{conv}", sync_batchnorm)(x)
                 x = keras.layers.Activation("relu", name=f"block{block}_relu{conv}")(x)
         x = keras.layers.MaxPooling2D(
             (2, 2), strides=(2, 2), data_format=fmt, name=f"block{block}_pool"
         )(x)
 
-    outputs = registry._head(
+    outputs = _blocks.head(
         x,
         include_top=include_top,
         pooling=pooling,
-        fc_units=registry._scaled(_FC_UNITS, width),
+        fc_units=_blocks.scaled(_FC_UNITS, width),
         num_classes=num_classes,
         classifier_activation=classifier_activation,
         dropout=dropout,
@@ -248,5 +248,5 @@ def vgg19(
 
 
 for _builder in (vgg, vgg11, vgg13, vgg16, vgg19):
-    registry._declare_min_input_size(_builder, MIN_INPUT_SIZE, _MIN_SIZE_REASON)
+    _blocks.declare_min_input_size(_builder, MIN_INPUT_SIZE, _MIN_SIZE_REASON)
 del _builder

@@ -14,7 +14,7 @@ from tfpar.models import registry
 @pytest.fixture
 def private_registry(monkeypatch):
     """Lets a test register names without leaking them into other tests."""
-    monkeypatch.setattr(registry, "_BUILDERS", dict(registry._BUILDERS))
+    monkeypatch.setattr(registry, "_REGISTRY", registry._REGISTRY.copy())
 
 
 def test_available_lists_the_builtin_models():
@@ -51,14 +51,14 @@ def test_get_passes_options_through_to_the_builder():
 
 
 def test_unknown_name_lists_names_and_suggests_the_closest():
-    with pytest.raises(ValueError, match=r"Unknown model name\. Did you mean 'alexnet'\? "
+    with pytest.raises(ValueError, match=r"Unknown model 'alexnett'\. Did you mean 'alexnet'\? "
                        r"Available names: alexnet, resnet50, vgg11, .*vgg19_bn\. Received: name='alexnett'"):
         tfpar.models.get("alexnett")
     with pytest.raises(ValueError, match=r"Did you mean 'resnet50'\?"):
         tfpar.models.get("resnet")
     with pytest.raises(ValueError, match=r"Did you mean 'vgg16_bn'\?"):
         tfpar.models.get("VGG-16BNN")
-    with pytest.raises(ValueError, match=r"Unknown model name\. Available names: .*Received: name='inception'"):
+    with pytest.raises(ValueError, match=r"Unknown model 'inception'\. Available names: .*Received: name='inception'"):
         tfpar.models.get("inception")
 
 

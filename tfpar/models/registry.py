@@ -7,7 +7,6 @@ Names are matched case-insensitively and without ``-``/``_``/space separators (`
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import re
 from collections.abc import Callable
@@ -15,14 +14,12 @@ from typing import Any
 
 import keras
 
+from tfpar._registry import Registry
 from tfpar.models import _blocks
 
-# name -> (builder, preset options). Filled by tfpar/models/__init__.py through register().
-_BUILDERS: dict[str, tuple[Callable[..., keras.Model], dict[str, Any]]] = {}
-
-
-def _key(name: str) -> str:
-    return re.sub(r"[\s_\-]", "", name.lower())
+# name -> (builder, preset options). Filled by tfpar/models/__init__.py through register(). An
+# alias with options (``"vgg16_bn"``) is an entry whose preset fixes them.
+_REGISTRY: Registry[tuple[Callable[..., keras.Model], dict[str, Any]]] = Registry("model")
 
 
 def register(
@@ -71,14 +68,7 @@ def register(
             "Expected `preset` to be a dict of options or None. "
             f"Received: preset={preset!r} (of type {type(preset).__name__})"
         )
-    existing = {_key(n): n for n in _BUILDERS}
-    if _key(name) in existing and not override:
-        raise ValueError(
-            f"A model named {existing[_key(name)]!r} is already registered. "
-            f"Pass override=True to replace it. Received: name={name!r}"
-        )
-    _BUILDERS.pop(existing.get(_key(name), name), None)
-    _BUILDERS[name] = (builder, dict(preset or {}))
+    _REGISTRY.register(name, (builder, dict(preset or {})), override=override)
 
 
 def available() -> list[str]:
@@ -91,7 +81,7 @@ def available() -> list[str]:
         >>> "vgg16" in tfpar.models.available()
         True
     """
-    return sorted(_BUILDERS)
+    return _REGISTRY.names()
 
 
 def accepted_options(name: str) -> list[str]:
@@ -111,7 +101,7 @@ def accepted_options(name: str) -> list[str]:
         >>> "width" in tfpar.models.accepted_options("vgg16")
         True
     """
-    builder, preset = _BUILDERS[_lookup(name)]
+    builder, preset = _REGISTRY.get(name)
     return [p for p in _parameters(builder) if p not in preset]
 
 
@@ -132,7 +122,7 @@ def min_input_size(name: str) -> int | None:
         >>> tfpar.models.min_input_size("alexnet"), tfpar.models.min_input_size("vgg16")
         (55, 32)
     """
-    builder, _ = _BUILDERS[_lookup(name)]
+    builder, _ = _REGISTRY.get(name)
     entry = _blocks.MIN_INPUT_SIZES.get(builder)
     return None if entry is None else entry[0]
 
@@ -164,8 +154,8 @@ def check_input_shape(name: str, input_shape: Any) -> tuple[int, ...]:
         Traceback (most recent call last):
         ValueError: alexnet needs an input of at least 55x55 pixels ...
     """
-    key = _lookup(name)
-    builder, _ = _BUILDERS[key]
+    key = _REGISTRY.resolve(name)
+    builder, _ = _REGISTRY.get(key)
     entry = _blocks.MIN_INPUT_SIZES.get(builder)
     if entry is None:
         return tuple(input_shape)
@@ -193,8 +183,8 @@ def get(name: str, **options: Any) -> keras.Model:
     Example:
         >>> model = tfpar.models.get("vgg11", input_shape=(32, 32, 3), num_classes=10, width=0.125)
     """
-    key = _lookup(name)
-    builder, preset = _BUILDERS[key]
+    key = _REGISTRY.resolve(name)
+    builder, preset = _REGISTRY.get(key)
     clashing = sorted(set(options) & set(preset))
     if clashing:
         fixed = ", ".join(f"{k}={preset[k]!r}" for k in clashing)
@@ -212,23 +202,6 @@ def get(name: str, **options: Any) -> keras.Model:
             f"{[p for p in accepted if p not in preset]}. Received: {received}"
         )
     return builder(**preset, **options)
-
-
-def _lookup(name: Any) -> str:
-    if not isinstance(name, str):
-        raise TypeError(
-            "Expected the model `name` to be a string such as 'vgg16'. "
-            f"Received: name={name!r} (of type {type(name).__name__})"
-        )
-    by_key = {_key(n): n for n in _BUILDERS}
-    if _key(name) in by_key:
-        return by_key[_key(name)]
-    close = difflib.get_close_matches(_key(name), sorted(by_key), n=1, cutoff=0.7)
-    hint = f" Did you mean {by_key[close[0]]!r}?" if close else ""
-    raise ValueError(
-        f"Unknown model name.{hint} Available names: {', '.join(sorted(_BUILDERS))}. "
-        f"Received: name={name!r}"
-    )
 
 
 def _parameters(builder: Callable[..., Any]) -> list[str]:

@@ -35,9 +35,9 @@ def test_scale_learning_rate_rules():
         assert training.scale_learning_rate(0.1) == pytest.approx(0.2)
     with pytest.raises(ValueError, match=r"rule to be one of \['linear', 'sqrt'\]"):
         training.scale_learning_rate(0.1, factor=2, rule="cubic")
-    with pytest.raises(ValueError, match="positive number"):
+    with pytest.raises(ValueError, match=r"finite number > 0\. Received: "):
         training.scale_learning_rate(-1.0, factor=2)
-    with pytest.raises(ValueError, match="factor > 0"):
+    with pytest.raises(ValueError, match=r"`factor` to be a finite number > 0"):
         training.scale_learning_rate(0.1, factor=0)
 
 
@@ -71,10 +71,18 @@ def test_warmup_rejects_schedules_and_bad_values():
     model.compile(optimizer=keras.optimizers.SGD(keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.9)), loss="mse")
     with pytest.raises(ValueError, match="constant learning rate"):
         model.fit(np.ones((4, 2)), np.ones((4, 1)), verbose=0, callbacks=[training.LearningRateWarmup(2)])
-    with pytest.raises(ValueError, match="warmup_steps` >= 1"):
+    with pytest.raises(ValueError, match=r"Expected `warmup_steps` to be an int >= 1\. Received: warmup_steps=0"):
         training.LearningRateWarmup(0)
-    with pytest.raises(ValueError, match="non-negative number"):
+    with pytest.raises(ValueError, match=r"finite number >= 0\. Received: target_learning_rate=-1"):
         training.LearningRateWarmup(3, target_learning_rate=-1)
+
+
+def test_throughput_checks_skip_first_steps():
+    # A wrong type raises TypeError (it raised ValueError before the validation helper).
+    with pytest.raises(TypeError, match=r"Expected `skip_first_steps` to be an int >= 0\. Received: skip_first_steps=1\.5"):
+        training.Throughput(8, skip_first_steps=1.5)
+    with pytest.raises(ValueError, match=r"Received: skip_first_steps=-1 \(of type int\)"):
+        training.Throughput(8, skip_first_steps=-1)
 
 
 class _FakeClock(keras.callbacks.Callback):

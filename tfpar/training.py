@@ -9,12 +9,13 @@ first epochs; for adaptive optimizers a square-root rule is common.
 from __future__ import annotations
 
 import math
-import numbers
 import time
 from typing import Any
 
 import keras
 import tensorflow as tf
+
+from tfpar._validation import check_int, check_positive_number
 
 LR_SCALING_RULES = ("linear", "sqrt")
 
@@ -22,27 +23,6 @@ LR_SCALING_RULES = ("linear", "sqrt")
 def _replicas(strategy: tf.distribute.Strategy | None) -> int:
     strategy = strategy if strategy is not None else tf.distribute.get_strategy()
     return int(strategy.num_replicas_in_sync)
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"Expected `{name}` to be an int. Received: {name}={value!r} (of type {type(value).__name__})")
-    if value < 1:
-        raise ValueError(f"Expected `{name}` >= 1. Received: {name}={value}")
-    return value
-
-
-def _finite_number(name: str, value: Any, *, positive: bool) -> float:
-    """`value` as a float; TypeError unless it is a real number, ValueError if NaN, infinite or
-    not > 0 (`positive`) / >= 0."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"Expected `{name}` to be a number. Received: {name}={value!r} (of type {type(value).__name__})"
-        )
-    expected = "> 0, a finite positive number" if positive else ">= 0, a finite non-negative number"
-    if not math.isfinite(value) or (value <= 0 if positive else value < 0):
-        raise ValueError(f"Expected {name} {expected}. Received: {name}={value!r}")
-    return float(value)
 
 
 def global_batch_size(per_replica_batch_size: int, strategy: tf.distribute.Strategy | None = None) -> int:
@@ -60,7 +40,7 @@ def global_batch_size(per_replica_batch_size: int, strategy: tf.distribute.Strat
     ...     tfpar.training.global_batch_size(32)
     64
     """
-    return _positive_int("per_replica_batch_size", per_replica_batch_size) * _replicas(strategy)
+    return check_int("per_replica_batch_size", per_replica_batch_size, minimum=1) * _replicas(strategy)
 
 
 def per_replica_batch_size(global_batch_size: int, strategy: tf.distribute.Strategy | None = None) -> int:
@@ -82,7 +62,7 @@ def per_replica_batch_size(global_batch_size: int, strategy: tf.distribute.Strat
     ...     tfpar.training.per_replica_batch_size(64)
     32
     """
-    size = _positive_int("global_batch_size", global_batch_size)
+    size = check_int("global_batch_size", global_batch_size, minimum=1)
     replicas = _replicas(strategy)
     if size % replicas:
         lower = max(replicas, size - size % replicas)
@@ -125,8 +105,8 @@ def scale_learning_rate(
     """
     if rule not in LR_SCALING_RULES:
         raise ValueError(f"Expected rule to be one of {list(LR_SCALING_RULES)}. Received: rule={rule!r}")
-    base = _finite_number("base_learning_rate", base_learning_rate, positive=True)
-    factor = _finite_number("factor", _replicas(strategy) if factor is None else factor, positive=True)
+    base = check_positive_number("base_learning_rate", base_learning_rate)
+    factor = check_positive_number("factor", _replicas(strategy) if factor is None else factor)
     return base * (factor if rule == "linear" else math.sqrt(factor))
 
 
@@ -160,14 +140,14 @@ class LearningRateWarmup(keras.callbacks.Callback):
         initial_learning_rate: float | None = None,
     ) -> None:
         super().__init__()
-        self.warmup_steps = _positive_int("warmup_steps", warmup_steps)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=1)
         self.target_learning_rate = (
             None if target_learning_rate is None
-            else _finite_number("target_learning_rate", target_learning_rate, positive=False)
+            else check_positive_number("target_learning_rate", target_learning_rate, allow_zero=True)
         )
         self.initial_learning_rate = (
             None if initial_learning_rate is None
-            else _finite_number("initial_learning_rate", initial_learning_rate, positive=False)
+            else check_positive_number("initial_learning_rate", initial_learning_rate, allow_zero=True)
         )
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
@@ -213,10 +193,8 @@ class Throughput(keras.callbacks.Callback):
 
     def __init__(self, global_batch_size: int, skip_first_steps: int = 1) -> None:
         super().__init__()
-        self.global_batch_size = _positive_int("global_batch_size", global_batch_size)
-        if isinstance(skip_first_steps, bool) or not isinstance(skip_first_steps, int) or skip_first_steps < 0:
-            raise ValueError(f"Expected skip_first_steps >= 0. Received: skip_first_steps={skip_first_steps!r}")
-        self.skip_first_steps = skip_first_steps
+        self.global_batch_size = check_int("global_batch_size", global_batch_size, minimum=1)
+        self.skip_first_steps = check_int("skip_first_steps", skip_first_steps, minimum=0)
         self._epoch = 0
         self._skip = 0
         self._start: float | None = None

@@ -321,12 +321,14 @@ def _error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if ": error: " in line]
 
 
+@pytest.mark.multiprocess
 def test_console_script_refuses_nan_learning_rate():
     result = _tfpar("train", "--lr", "nan")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert _error_lines(result.stderr) == ["tfpar train: error: argument --lr: expected a finite positive number, received 'nan'"]
 
 
+@pytest.mark.multiprocess
 def test_console_script_reports_a_malformed_tf_config_in_one_line():
     result = _tfpar("train", env={"TF_CONFIG": '{"cluster": {"worker": ["127.0.0.1:2222"]}, "task": '})
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
@@ -342,6 +344,7 @@ def test_skipping_undecodable_training_images(bad, recwarn):
         job.TrainConfig(on_error="ignore")
 
 
+@pytest.mark.multiprocess
 def test_console_script_names_a_corrupt_training_image(bad):
     """Found once the data is read (after the strategy is made): still a usage error, exit 2."""
     result = _tfpar("train", "--data", bad.truncated, "--strategy", "default", "--epochs", "1")

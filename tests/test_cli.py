@@ -26,6 +26,7 @@ def _tfpar(*args, timeout=600, cwd=None):
     )
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_train_default_reaches_the_documented_accuracy(tmp_path):
     result = _tfpar("train", "--output", str(tmp_path / "report"), "--min-accuracy", "0.9")
@@ -41,6 +42,7 @@ def test_train_default_reaches_the_documented_accuracy(tmp_path):
     assert (tmp_path / "report" / "training.png").stat().st_size > 10_000
 
 
+@pytest.mark.multiprocess
 def test_train_with_options(tmp_path):
     result = _tfpar(
         "train", "--model", "vgg11", "--strategy", "mirrored", "--devices", "3", "--epochs", "1",
@@ -54,6 +56,7 @@ def test_train_with_options(tmp_path):
     assert metrics["config"]["strategy_options"]["devices"] == ["/device:CPU:0", "/device:CPU:1", "/device:CPU:2"]
 
 
+@pytest.mark.multiprocess
 def test_train_model_parallel(tmp_path):
     result = _tfpar("train", "--model-parallel", "2", "--microbatches", "2", "--epochs", "1", "--width", "0.125",
                     "--output", str(tmp_path), "--quiet")
@@ -78,6 +81,7 @@ def test_train_refuses_combinations_in_process(capsys, monkeypatch, args, messag
     assert err.startswith("tfpar train: error: ") and message in err and err.count("\n") == 1
 
 
+@pytest.mark.multiprocess
 def test_plan_command(tmp_path):
     result = _tfpar("plan", "vgg16", "--devices", "4", "--balance", "params", timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -102,6 +106,7 @@ def test_plan_errors_in_process(capsys):
         assert cli._memory(limit) > 0
 
 
+@pytest.mark.multiprocess
 def test_train_on_an_image_folder(tmp_path):
     import numpy as np
     import tensorflow as tf
@@ -132,6 +137,7 @@ def test_train_data_errors_in_process(tmp_path, capsys):
         assert exit_.value.code == 2 and "tfpar train: error: argument --data: " in err and message in err
 
 
+@pytest.mark.multiprocess
 def test_train_below_min_accuracy_exits_1(tmp_path):
     result = _tfpar("train", "--strategy", "one_device", "--epochs", "1", "--width", "0.125",
                     "--min-accuracy", "1.0", "--output", str(tmp_path), "--quiet")
@@ -170,6 +176,7 @@ def test_train_under_launch_runs_multi_worker(tmp_path):
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["metrics.json", "training.png"]
 
 
+@pytest.mark.multiprocess
 def test_doctor_and_version():
     result = _tfpar("doctor", timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -201,3 +208,97 @@ def test_train_says_what_it_does_before_the_slow_steps_of_many_replicas(tmp_path
     job.train(config, log=lines.append)
     assert lines[0].startswith("tfpar: building vgg11 on 1 replicas (each holds a copy of every variable")
     assert lines[2] == "tfpar: tracing the training step on 1 replicas before the first epoch starts"
+
+
+def test_a_slurm_step_without_the_srun_variables_is_a_usage_error(capsys, monkeypatch):
+    """A multi-task Slurm step missing SLURM_STEP_* (sbatch without srun): one line, exit 2."""
+    from tfpar import cluster
+
+    for name in ("TF_CONFIG", *cluster.SLURM_VARIABLES):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    monkeypatch.setattr(cli, "_configure_devices", _never("configuring devices"))
+    monkeypatch.setattr(job, "train", _never("training"))
+    assert cli.main(["train"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tfpar train: error: Slurm cluster discovery needs the variables that srun sets")
+    assert "Missing: SLURM_STEP_NODELIST, SLURM_STEP_TASKS_PER_NODE" in err and err.count("\n") == 1
+
+
+# The command line without TensorFlow: parsing, --version, --help and argparse's usage errors.
+# (argv, exit status); each runs in one fresh interpreter that must never import tensorflow/keras.
+TF_FREE_ARGV = [
+    (["--version"], 0),
+    (["--help"], 0),
+    (["train", "--help"], 0),
+    (["plan", "--help"], 0),
+    (["doctor", "--help"], 0),
+    (["launch", "--help"], 0),
+    ([], 2),
+    (["fly"], 2),
+    (["train", "--model", "vgg99"], 2),
+    (["train", "--strategy", "mirrord"], 2),
+    (["train", "--lr", "nan"], 2),
+    (["train", "--epochs", "0"], 2),
+    (["train", "--mixed-precision", "fp8"], 2),
+    (["train", "--optimizer", "rmsprop"], 2),
+    (["train", "--seed", "-1"], 2),
+    (["plan", "vgg99", "--devices", "2"], 2),
+    (["plan", "alexnet"], 2),
+    (["launch", "--workers", "0", "--", "true"], 2),
+    (["launch", "--network", "none", "--", "true"], 2),
+]
+
+
+@pytest.mark.multiprocess
+def test_parsing_help_and_usage_errors_import_no_tensorflow():
+    code = (
+        "import contextlib, io, json, sys\n"
+        "from tfpar import cli\n"
+        "cli.build_parser()\n"
+        "codes = []\n"
+        f"for argv, _ in {TF_FREE_ARGV!r}:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+        "        try:\n"
+        "            codes.append(cli.main(argv))\n"
+        "        except SystemExit as exit_:\n"
+        "            codes.append(exit_.code)\n"
+        "print(json.dumps([codes, sorted(m for m in ('tensorflow', 'keras') if m in sys.modules)]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    codes, loaded = json.loads(result.stdout.splitlines()[-1])
+    assert codes == [status for _, status in TF_FREE_ARGV]
+    assert loaded == [], f"parsing imported {loaded}"
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("args", [["--version"], ["train", "--lr", "nan"]], ids=["version", "usage-error"])
+def test_the_console_script_answers_without_importing_tensorflow(args):
+    """The real `python -m tfpar`, traced with -X importtime (every module it imports, on stderr)."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "tfpar", *args],
+                            capture_output=True, text=True, timeout=120)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "tfpar.cli" in imported, result.stderr[-2000:]
+    assert not {name for name in imported if name.split(".")[0] in ("tensorflow", "keras")}
+    assert result.returncode == (0 if args == ["--version"] else 2)
+
+
+@pytest.mark.multiprocess
+def test_the_parser_names_equal_the_registries():
+    """tfpar._names copies the built-in names so the parser needs no TensorFlow; they must not drift."""
+    code = (
+        "import json\n"
+        "from tfpar import _names, devices, models, strategies\n"
+        "print(json.dumps({\n"
+        "    'models': [list(_names.MODELS), models.available()],\n"
+        "    'strategies': [list(_names.STRATEGIES), strategies.available_strategies()],\n"
+        "    'mixed_precision': [list(_names.MIXED_PRECISION_POLICIES), list(strategies.MIXED_PRECISION_POLICIES)],\n"
+        "    'max_virtual_devices': [_names.MAX_VIRTUAL_DEVICES, devices.MAX_VIRTUAL_DEVICES],\n"
+        "}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name, (copied, registry) in json.loads(result.stdout.splitlines()[-1]).items():
+        assert copied == registry, f"tfpar._names: {name} differs from its registry"

@@ -24,6 +24,14 @@ not only its type. Every handler runs in two phases:
    "no split fits the memory limit" verdict as a result (exit 1).
 
 Both phases raise :class:`UsageError`; :func:`main` prints it and returns 2.
+
+Parsing loads no TensorFlow, so ``tfpar --version``, ``--help`` and argparse's usage errors answer
+at once: the choices come from ``tfpar._names`` and the defaults from ``tfpar._train_config``, and
+the handlers that need TensorFlow (``train``, ``plan``, ``doctor``) import it first thing, with
+its start-up banner filtered. Two argument types need tfpar modules that import TensorFlow
+(``--data``: the data readers; ``--memory-limit``: the cost model); :func:`main` runs them right
+after parsing and reports a bad value exactly as argparse would (the usage, then ``tfpar train:
+error: argument --data: ...``). ``tfpar launch`` never loads TensorFlow.
 """
 
 from __future__ import annotations
@@ -37,7 +45,11 @@ import re
 import sys
 import tempfile
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+
+from tfpar import _names, cluster, launch  # none of them imports TensorFlow
+from tfpar._train_config import OPTIMIZERS, TrainConfig
+from tfpar.version import __version__
 
 # TensorFlow's start-up banner (oneDNN, CUDA stubs) is not for command-line users; they can set
 # TF_CPP_MIN_LOG_LEVEL themselves to see it.
@@ -69,12 +81,6 @@ def _import_tensorflow_quietly() -> None:
             for line in captured.read().decode(errors="replace").splitlines():
                 if line and not _BANNER.match(line):
                     print(line, file=sys.stderr)
-
-
-_import_tensorflow_quietly()
-
-from tfpar import cluster, devices, job, launch, models, strategies  # noqa: E402
-from tfpar.version import __version__  # noqa: E402
 
 DEFAULT_VIRTUAL_DEVICES = 2
 _MAX_SEED = 2**32 - 1
@@ -145,12 +151,14 @@ def _microbatches(text: str) -> int | str:
 
 
 def _data_source(text: str) -> str:
+    """``--data``: 'digits', or a path with a layout tfpar reads (a late type: see :func:`main`)."""
+    if text == "digits":
+        return text
+    _import_tensorflow_quietly()
     import tensorflow as tf
 
     from tfpar.data import readers
 
-    if text == "digits":
-        return text
     if not tf.io.gfile.glob(text):
         raise argparse.ArgumentTypeError(
             f"expected 'digits' or an existing image folder / TFRecord path / .npz file, received {text!r} (not found)"
@@ -180,33 +188,33 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
             "metrics.json and training.png."
         ),
     )
-    parser.add_argument("--model", default="alexnet", choices=models.available(), metavar="MODEL",
-                        help=f"one of: {', '.join(models.available())} (default: alexnet)")
-    parser.add_argument("--strategy", default="auto", choices=strategies.available_strategies(), metavar="NAME",
-                        help=f"one of: {', '.join(strategies.available_strategies())} (default: auto)")
+    parser.add_argument("--model", default="alexnet", choices=_names.MODELS, metavar="MODEL",
+                        help=f"one of: {', '.join(_names.MODELS)} (default: alexnet)")
+    parser.add_argument("--strategy", default="auto", choices=_names.STRATEGIES, metavar="NAME",
+                        help=f"one of: {', '.join(_names.STRATEGIES)} (default: auto)")
     parser.add_argument("--devices", type=_positive_int, default=None,
                         help="replicas on this host: GPUs to use, or virtual CPUs to create when there "
-                             f"is no GPU (at most {devices.MAX_VIRTUAL_DEVICES}; default: all GPUs, or "
+                             f"is no GPU (at most {_names.MAX_VIRTUAL_DEVICES}; default: all GPUs, or "
                              f"{DEFAULT_VIRTUAL_DEVICES} virtual CPUs)")
-    parser.add_argument("--epochs", type=_positive_int, default=job.TrainConfig.epochs)
-    parser.add_argument("--batch-size", type=_positive_int, default=job.TrainConfig.batch_size,
+    parser.add_argument("--epochs", type=_positive_int, default=TrainConfig.epochs)
+    parser.add_argument("--batch-size", type=_positive_int, default=TrainConfig.batch_size,
                         help="global batch size over all replicas (default: %(default)s)")
-    parser.add_argument("--lr", type=_positive_float, default=job.TrainConfig.learning_rate,
+    parser.add_argument("--lr", type=_positive_float, default=TrainConfig.learning_rate,
                         help="base learning rate for one replica, scaled for the replica count "
                              "(linear for sgd, square root for adam) (default: %(default)s)")
-    parser.add_argument("--optimizer", default="adam", choices=job.OPTIMIZERS)
-    parser.add_argument("--width", type=_positive_float, default=job.TrainConfig.width,
+    parser.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
+    parser.add_argument("--width", type=_positive_float, default=TrainConfig.width,
                         help="channel multiplier of AlexNet/VGG (default: %(default)s)")
     parser.add_argument("--image-size", type=_positive_int, default=None,
                         help="side of the square input images, at least the model's minimum (AlexNet "
                              "55, VGG and ResNet 32) (default: 64 for AlexNet, 32 otherwise)")
-    parser.add_argument("--data", default="digits", type=_data_source, metavar="digits|PATH",
+    parser.add_argument("--data", default="digits", metavar="digits|PATH",
                         help="training data: the bundled UCI 'digits' (default), an image folder "
                              "(class sub-folders), TFRecords (x/y features) or a .npz file")
     parser.add_argument("--on-error", default="raise", choices=("raise", "skip"),
                         help="an image in --data that does not decode: stop and name it (raise, the "
                              "default), or leave such files out with a count (skip)")
-    parser.add_argument("--mixed-precision", default=None, choices=strategies.MIXED_PRECISION_POLICIES)
+    parser.add_argument("--mixed-precision", default=None, choices=_names.MIXED_PRECISION_POLICIES)
     parser.add_argument("--model-parallel", type=_positive_int, default=None, metavar="K",
                         help="split the model's layers over K devices (optimal FLOPs balance) "
                              "instead of data parallelism")
@@ -217,13 +225,13 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--min-accuracy", type=_fraction, default=None,
                         help="exit with status 1 if the test accuracy is below this")
     parser.add_argument("--quiet", action="store_true", help="one line per epoch instead of a progress bar")
-    parser.set_defaults(handler=_train)
+    parser.set_defaults(handler=_train, command_parser=parser, late_types=(("--data", "data", _data_source),))
 
 
 def _configure_devices(requested: int | None) -> None:
     import tensorflow as tf
 
-    from tfpar import cluster
+    from tfpar import devices
 
     if tf.config.list_physical_devices("GPU"):
         return  # real accelerators: --devices selects how many (see _strategy_options)
@@ -256,6 +264,8 @@ def _check_device_count(args: argparse.Namespace) -> None:
     """Refuses more virtual CPUs than :data:`tfpar.devices.MAX_VIRTUAL_DEVICES`, before any are made."""
     import tensorflow as tf
 
+    from tfpar import devices
+
     if tf.config.list_physical_devices("GPU"):
         return  # GPUs: --devices is checked against the GPUs found (see _strategy_options)
     for flag, value in (("--devices", args.devices), ("--model-parallel", args.model_parallel)):
@@ -284,6 +294,8 @@ def _check_output(path: str | None) -> None:
 def _strategy_options(args: argparse.Namespace) -> dict[str, object]:
     if args.model_parallel or args.devices is None or args.strategy not in _DEVICE_STRATEGIES:
         return {}
+    from tfpar import devices
+
     available = devices.default_replica_devices()
     if args.devices > len(available):
         raise ValueError(
@@ -292,8 +304,8 @@ def _strategy_options(args: argparse.Namespace) -> dict[str, object]:
     return {"devices": available[: args.devices]}
 
 
-def _train_config(args: argparse.Namespace) -> job.TrainConfig:
-    return job.TrainConfig(
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
         model=args.model,
         strategy=args.strategy,
         epochs=args.epochs,
@@ -313,13 +325,28 @@ def _train_config(args: argparse.Namespace) -> job.TrainConfig:
     )
 
 
+def _check_cluster() -> None:
+    """The cluster this process belongs to: a malformed TF_CONFIG or Slurm step is the user's to fix.
+
+    detect() raises ValueError for malformed values, and RuntimeError (its only one) for a
+    multi-task Slurm step without the variables srun sets: both are usage errors.
+    """
+    try:
+        cluster.detect()
+    except RuntimeError as error:
+        raise UsageError(_one_line(error)) from error
+
+
 def _train(args: argparse.Namespace) -> int:
-    with _user_input():  # resolve: validation only, nothing built, TensorFlow untouched
+    _import_tensorflow_quietly()
+    from tfpar import job
+
+    with _user_input():  # resolve: validation only, nothing built, no TensorFlow side effect
         problem = _check_train_arguments(args)
         if problem:
             raise UsageError(problem)
         config = _train_config(args)
-        cluster.detect()  # a malformed TF_CONFIG (or Slurm variables) is the user's to fix
+        _check_cluster()
         _check_device_count(args)
         _check_output(args.output)
     _configure_devices(args.devices or args.model_parallel)
@@ -353,6 +380,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _memory(text: str) -> float:
+    """``--memory-limit``: a size such as 16GB (a late type: see :func:`main`)."""
+    _import_tensorflow_quietly()
     from tfpar.parallel import cost
 
     try:
@@ -374,22 +403,23 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
         description="Plan a split of MODEL's layers over N devices and print the stage table "
         "(devices need not exist here: this plans for the target machine).",
     )
-    parser.add_argument("model", choices=models.available(), metavar="MODEL",
-                        help=f"one of: {', '.join(models.available())}")
+    parser.add_argument("model", choices=_names.MODELS, metavar="MODEL",
+                        help=f"one of: {', '.join(_names.MODELS)}")
     parser.add_argument("--devices", type=_positive_int, required=True, help="number of devices (stages)")
     parser.add_argument("--balance", default="flops", choices=["flops", "params", "memory", "time"])
     parser.add_argument("--microbatches", type=_microbatches, default=1, metavar="M",
                         help="micro-batches per step: an integer or 'auto' (GPipe's m >= 4p)")
     parser.add_argument("--batch-size", type=_positive_int, default=32)
-    parser.add_argument("--memory-limit", type=_memory, default=None, metavar="SIZE",
+    parser.add_argument("--memory-limit", default=None, metavar="SIZE",
                         help="memory of each device, e.g. 16GB (the plan says which stage overflows)")
     parser.add_argument("--input-shape", type=_positive_int, nargs=3, default=None, metavar=("H", "W", "C"),
                         help="model input shape (default: the model's own, e.g. 224 224 3)")
-    parser.set_defaults(handler=_plan)
+    parser.set_defaults(handler=_plan, command_parser=parser, late_types=(("--memory-limit", "memory_limit", _memory),))
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from tfpar import parallel
+    _import_tensorflow_quietly()
+    from tfpar import models, parallel
 
     with _user_input():  # resolve: the input shape is checked for the model before building it
         options = {}
@@ -434,6 +464,7 @@ def _add_doctor(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _doctor(args: argparse.Namespace) -> int:
+    _import_tensorflow_quietly()
     from tfpar import doctor
 
     report = doctor.collect()
@@ -480,6 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["launch"]:  # everything after `launch` belongs to the launcher's own parser
         return launch.main(argv[1:])
     args = build_parser().parse_args(argv)
+    _convert_late_types(args)
     try:
         return int(args.handler(args) or 0)
     except UsageError as error:
@@ -487,6 +519,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exception(error)
         print(f"tfpar {args.command}: error: {error}", file=sys.stderr)
         return 2
+
+
+def _convert_late_types(args: argparse.Namespace) -> None:
+    """Runs the argument types that need TensorFlow, right after parsing (see the module docstring).
+
+    A bad value is reported as argparse reports one: the command's usage, then ``tfpar <command>:
+    error: argument <flag>: <message>``, exit status 2.
+    """
+    late_types: Sequence[tuple[str, str, Callable[[str], object]]] = getattr(args, "late_types", ())
+    for flag, dest, convert in late_types:
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        try:
+            setattr(args, dest, convert(value))
+        except argparse.ArgumentTypeError as error:
+            args.command_parser.error(f"argument {flag}: {error}")
 
 
 if __name__ == "__main__":

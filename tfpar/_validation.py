@@ -33,6 +33,7 @@ def check_int(
     minimum: int | None = None,
     maximum: int | None = None,
     allow_none: bool = False,
+    expected: str | None = None,
     hint: str = "",
 ) -> Any:
     """Returns `value` as an ``int`` (or None, if allowed) after checking it.
@@ -43,6 +44,8 @@ def check_int(
         minimum: The smallest accepted value, if any.
         maximum: The largest accepted value, if any.
         allow_none: Accept None (and return it).
+        expected: What the message says is expected, when an int is not all the caller accepts,
+            e.g. ``"an int >= 1 or 'auto'"``; default: ``"an int"`` and the bounds.
         hint: A sentence appended to the message of either error (the fix).
 
     Returns:
@@ -61,11 +64,13 @@ def check_int(
     """
     if value is None and allow_none:
         return None
-    expected = f"Expected `{name}` to be an int{_bounds(minimum, maximum)}{' or None' if allow_none else ''}."
+    if expected is None:
+        expected = f"an int{_bounds(minimum, maximum)}{' or None' if allow_none else ''}"
+    sentence = f"Expected `{name}` to be {expected}."
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(_message(expected, name, value, hint))
+        raise TypeError(_message(sentence, name, value, hint))
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        raise ValueError(_message(expected, name, value, hint))
+        raise ValueError(_message(sentence, name, value, hint))
     return int(value)
 
 

@@ -112,7 +112,7 @@ def test_invalid_arguments():
         partition.optimal_sizes([1, 2, 3], 4)
     with pytest.raises(ValueError, match="Received: costs=\\[\\]"):
         partition.optimal_sizes([], 1)
-    with pytest.raises(TypeError, match="num_stages to be an int"):
+    with pytest.raises(TypeError, match="`num_stages` to be an int"):
         partition.optimal_sizes([1, 2], 1.5)
     with pytest.raises(ValueError, match="non-negative"):
         partition.optimal_sizes([1, -2], 1)

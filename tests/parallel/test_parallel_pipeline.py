@@ -53,12 +53,15 @@ def test_microbatch_bounds_and_split_cover_the_batch():
 
 
 def test_invalid_microbatches():
-    with pytest.raises(ValueError, match="microbatches >= 1 or 'auto'"):
+    with pytest.raises(ValueError, match=r"`microbatches` to be an int >= 1 or 'auto'\. Received: microbatches=0"):
         gpipe.check_microbatches(0)
     with pytest.raises(TypeError, match="Received: microbatches='many'"):
         gpipe.check_microbatches("many")
-    with pytest.raises(ValueError, match="num_stages to be an int >= 1"):
+    with pytest.raises(ValueError, match="`num_stages` to be an int >= 1"):
         bubble_fraction(0, 4)
+    # A wrong type raises TypeError (ValueError before the validation helper).
+    with pytest.raises(TypeError, match=r"`microbatches` to be an int >= 1\. Received: microbatches=2\.0 \(of type float\)"):
+        bubble_fraction(2, 2.0)
 
 
 def test_tune_microbatches_interleaves_candidates_and_skips_too_many():

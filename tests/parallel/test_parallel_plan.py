@@ -122,7 +122,7 @@ def test_errors(virtual_devices):
         make_plan(tiny, virtual_devices[:2], device_speeds=[1.0])
     with pytest.raises(TypeError, match="list of devices"):
         make_plan(tiny, "cpu:0")
-    with pytest.raises(ValueError, match="microbatches >= 1"):
+    with pytest.raises(ValueError, match="`microbatches` to be an int >= 1"):
         make_plan(tiny, virtual_devices[:2], microbatches=0)
 
     class Subclassed(keras.Model):

@@ -256,8 +256,13 @@ def test_errors(virtual_devices):
         split(model, other)
     with pytest.raises(ValueError, match=r"batch_norm to be one of \['full_batch', 'microbatch'\]"):
         split(model, virtual_devices[:2], batch_norm="sync")
-    with pytest.raises(TypeError, match="microbatches to be an int"):
+    with pytest.raises(TypeError, match="`microbatches` to be an int"):
         split(model, virtual_devices[:2], microbatches=2.0)
+    # A wrong type raises TypeError (ValueError before the validation helper).
+    with pytest.raises(TypeError, match=r"`batch_size` to be an int >= 1 or None\. Received: batch_size=2\.5"):
+        split(model, virtual_devices[:2], batch_size=2.5)
+    with pytest.raises(ValueError, match=r"Received: batch_size=0 \(of type int\)"):
+        split(model, virtual_devices[:2], batch_size=0)
     with pytest.raises(TypeError, match="Plan options are only accepted with devices"):
         split(model, make_plan(model, virtual_devices[:2]), balance="params")
     placed = split(model, virtual_devices[:2])

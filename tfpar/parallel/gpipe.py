@@ -22,6 +22,8 @@ from typing import Any
 
 import tensorflow as tf
 
+from tfpar._validation import check_int
+
 AUTO = "auto"
 AUTO_CANDIDATES = (1, 2, 4, 8, 16)
 
@@ -36,13 +38,7 @@ def check_microbatches(microbatches: Any, *, allow_none: bool = False) -> None:
         return
     if microbatches == AUTO and isinstance(microbatches, str):
         return
-    if isinstance(microbatches, bool) or not isinstance(microbatches, int):
-        raise TypeError(
-            "Expected microbatches to be an int >= 1 or 'auto'. "
-            f"Received: microbatches={microbatches!r} (of type {type(microbatches).__name__})"
-        )
-    if microbatches < 1:
-        raise ValueError(f"Expected microbatches >= 1 or 'auto'. Received: microbatches={microbatches}")
+    check_int("microbatches", microbatches, minimum=1, expected="an int >= 1 or 'auto'")
 
 
 def bubble_fraction(num_stages: int, microbatches: int) -> float:
@@ -52,9 +48,8 @@ def bubble_fraction(num_stages: int, microbatches: int) -> float:
     >>> tfpar.parallel.bubble_fraction(4, 8)
     0.2727272727272727
     """
-    for name, value in (("num_stages", num_stages), ("microbatches", microbatches)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"Expected {name} to be an int >= 1. Received: {name}={value!r}")
+    check_int("num_stages", num_stages, minimum=1)
+    check_int("microbatches", microbatches, minimum=1)
     return (num_stages - 1) / (microbatches + num_stages - 1)
 
 

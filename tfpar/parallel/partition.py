@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from tfpar._validation import check_int
+
 # value(j, starts, end) -> the value of stage j covering layers [start, end) for each start.
 _StageValue = Callable[[int, np.ndarray, int], np.ndarray]
 
@@ -201,11 +203,7 @@ def check_inputs(
     Traceback (most recent call last):
     ValueError: Expected between 1 and 2 stages ...
     """
-    if isinstance(num_stages, bool) or not isinstance(num_stages, int):
-        raise TypeError(
-            f"Expected num_stages to be an int. Received: num_stages={num_stages!r} "
-            f"(of type {type(num_stages).__name__})"
-        )
+    check_int("num_stages", num_stages)
     n = len(costs)
     if n == 0:
         raise ValueError("Expected at least one layer cost. Received: costs=[]")

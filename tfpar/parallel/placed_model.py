@@ -42,6 +42,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfpar._validation import check_int
 from tfpar.parallel import cost as cost_lib
 from tfpar.parallel import gpipe
 from tfpar.parallel import layer_graph
@@ -358,8 +359,7 @@ def split(
     """
     _check_batch_norm(batch_norm)
     gpipe.check_microbatches(microbatches, allow_none=True)
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"Expected batch_size to be an int >= 1 or None. Received: batch_size={batch_size!r}")
+    check_int("batch_size", batch_size, minimum=1, allow_none=True)
     _check_no_strategy("call tfpar.parallel.split()")
     if isinstance(plan_or_devices, plan_lib.Plan):
         if plan_options:

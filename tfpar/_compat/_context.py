@@ -20,7 +20,7 @@ import tensorflow as tf
 from tfpar import cluster as cluster_lib
 from tfpar._compat import internals
 
-_MANAGED: "weakref.WeakSet[tf.distribute.Strategy]" = weakref.WeakSet()
+_MANAGED: weakref.WeakSet[tf.distribute.Strategy] = weakref.WeakSet()
 
 
 def add_managed(strategy: tf.distribute.Strategy) -> None:

@@ -22,7 +22,7 @@ from tfpar._compat import _patching, internals
 INIT = "keras:layers.BatchNormalization.__init__"
 
 _DEPTH = threading.local()  # open sync_batchnorm scopes in this thread
-_WARNED: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_WARNED: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def _batchnorm_init(self: Any, *args: Any, **kwargs: Any) -> None:

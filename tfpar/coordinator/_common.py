@@ -56,7 +56,7 @@ class ParameterServerOptions:
     variable_partitioner: Any = None
 
 
-STRATEGY_OPTIONS: "weakref.WeakKeyDictionary[tf.distribute.Strategy, ParameterServerOptions]" = (
+STRATEGY_OPTIONS: weakref.WeakKeyDictionary[tf.distribute.Strategy, ParameterServerOptions] = (
     weakref.WeakKeyDictionary()
 )
 

@@ -54,7 +54,7 @@ _CLUSTER = "tensorflow.python.distribute.coordinator.cluster_coordinator"
 COORDINATOR_DEL, CLUSTER_STOP = f"{_CLUSTER}:ClusterCoordinator.__del__", f"{_CLUSTER}:Cluster.stop"
 
 _RMW_ATTRIBUTE = "_tfpar_read_modify_write"
-_TRACKED: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_TRACKED: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 # === ps-loops ===

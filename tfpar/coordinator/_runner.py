@@ -262,7 +262,7 @@ def spec_shapes(structure: Any) -> Any:
     return tf.nest.map_structure(lambda spec: spec.shape, structure)
 
 
-_RUNNERS: "weakref.WeakKeyDictionary[keras.Model, Runner]" = weakref.WeakKeyDictionary()
+_RUNNERS: weakref.WeakKeyDictionary[keras.Model, Runner] = weakref.WeakKeyDictionary()
 
 
 def runner_for(model: keras.Model) -> Runner:

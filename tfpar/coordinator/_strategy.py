@@ -22,7 +22,7 @@ from tfpar.coordinator._common import (
 )
 from tfpar.coordinator._reach import wait_until_workers_reach_ps
 
-_CONNECTED: "weakref.WeakSet[tf.distribute.ParameterServerStrategy]" = weakref.WeakSet()
+_CONNECTED: weakref.WeakSet[tf.distribute.ParameterServerStrategy] = weakref.WeakSet()
 
 
 def parameter_server_strategy(

@@ -456,6 +456,7 @@ def test_listening_addresses_of_an_unused_port():
     assert cluster.listening_addresses([port]) == {port: []}
 
 
+@pytest.mark.multiprocess
 def test_no_tensorflow_op_at_import():
     # Virtual devices can only be configured before the TF runtime initializes.
     code = (

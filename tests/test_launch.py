@@ -116,6 +116,7 @@ def test_launch_gives_each_task_its_tf_config_and_prefixes_output():
     assert "TF_CONFIG" not in os.environ
 
 
+@pytest.mark.multiprocess
 def test_output_defaults_to_sys_stdout_at_call_time(capsys):
     assert launch([PY, "-c", "print('hello from a task')"], workers=1, timeout=60) == 0
     assert "[worker:0] hello from a task" in capsys.readouterr().out

@@ -91,7 +91,7 @@ def test_configure_too_late_explains_the_fix():
         ((2, "GPU"), ValueError, "no physical GPU"),
         ((2, "GPU", 1.5), TypeError, r"memory_limit_mb=1.5 \(of type float\)"),
         ((2, "GPU", float("nan")), TypeError, r"memory_limit_mb=nan"),
-        ((2, "GPU", 0), ValueError, r"memory_limit_mb` >= 1.*memory_limit_mb=0"),
+        ((2, "GPU", 0), ValueError, r"`memory_limit_mb` to be an int >= 1 \(MiB per logical GPU\) or None\. Received: memory_limit_mb=0"),
         ((2, "tpu"), ValueError, "CPU or GPU"),
         ((2, "npu"), ValueError, "device_type to be one of"),
     ],
@@ -108,6 +108,7 @@ def test_configure_accepts_up_to_the_documented_bound():
         tfpar.configure_virtual_devices(64)
 
 
+@pytest.mark.multiprocess
 def test_configure_in_a_fresh_process_creates_devices():
     code = textwrap.dedent(
         """

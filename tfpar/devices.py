@@ -19,6 +19,8 @@ from typing import Any
 
 import tensorflow as tf
 
+from tfpar._validation import check_int
+
 DEVICE_TYPES = ("CPU", "GPU", "TPU")
 #: Most logical devices :func:`configure_virtual_devices` makes from one physical device. Every
 #: virtual device is a replica under ``tfpar.scope("mirrored")``: it holds a copy of every variable
@@ -197,8 +199,7 @@ def configure_virtual_devices(
     >>> tfpar.configure_virtual_devices(4)
     ['/device:CPU:0', '/device:CPU:1', '/device:CPU:2', '/device:CPU:3']
     """
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"Expected `n` to be an int. Received: n={n!r} (of type {type(n).__name__})")
+    check_int("n", n)
     if not 1 <= n <= MAX_VIRTUAL_DEVICES:
         raise ValueError(
             f"Expected 1 <= n <= {MAX_VIRTUAL_DEVICES} virtual devices. Received: n={n}. Every "
@@ -207,18 +208,8 @@ def configure_virtual_devices(
             f"all of them share this machine's cores. Fix: use at most {MAX_VIRTUAL_DEVICES} "
             "(2-8 are enough to test data parallelism)."
         )
-    if memory_limit_mb is not None:
-        if isinstance(memory_limit_mb, bool) or not isinstance(memory_limit_mb, int):
-            raise TypeError(
-                "Expected `memory_limit_mb` to be an int (MiB per logical GPU) or None. "
-                f"Received: memory_limit_mb={memory_limit_mb!r} "
-                f"(of type {type(memory_limit_mb).__name__})"
-            )
-        if memory_limit_mb < 1:
-            raise ValueError(
-                "Expected `memory_limit_mb` >= 1 (MiB per logical GPU). "
-                f"Received: memory_limit_mb={memory_limit_mb}"
-            )
+    check_int("memory_limit_mb", memory_limit_mb, minimum=1, allow_none=True,
+              expected="an int >= 1 (MiB per logical GPU) or None")
     kind = _check_type(device_type)
     if kind == "TPU":
         raise ValueError("Virtual devices can be made from CPU or GPU. Received: device_type='TPU'")

@@ -118,7 +118,7 @@ def test_pipeline_sets_auto_shard_off():
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"batch_size": 0}, ValueError, "batch_size` >= 1"),
+        ({"batch_size": 0}, ValueError, "`batch_size` to be an int >= 1"),
         ({"shuffle": 10, "deterministic": True}, ValueError, "needs a seed"),
         ({"map_fn": "decode"}, TypeError, "map_fn"),
         ({"cache": 1}, TypeError, "cache"),

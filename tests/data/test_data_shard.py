@@ -243,9 +243,9 @@ def test_source_files(records, record_files):
     [
         ({"dataset": [1, 2]}, TypeError, "Expected a tf.data.Dataset"),
         ({"num_shards": 2.0}, TypeError, "num_shards"),
-        ({"num_shards": 0}, ValueError, "num_shards` >= 1"),
+        ({"num_shards": 0}, ValueError, "`num_shards` to be an int >= 1"),
         ({"index": 2}, ValueError, "Valid indices are 0..1"),
-        ({"index": -1}, ValueError, "index` >= 0"),
+        ({"index": -1}, ValueError, "`index` to be an int >= 0"),
         ({"policy": "files"}, ValueError, r"\['auto', 'file', 'data'\]"),
     ],
 )

@@ -27,12 +27,12 @@ import functools
 import importlib
 import inspect
 import logging
-import numbers
 from collections.abc import Callable
 from typing import Any, Literal
 
 import tensorflow as tf
 
+from tfpar._validation import check_int
 from tfpar.data import _dataset_graph
 
 # The package re-exports a *function* named `shard`, which shadows the submodule attribute.
@@ -190,7 +190,7 @@ def distribute(
             "Expected `data` to be a tf.data.Dataset or a function InputContext -> Dataset. "
             f"Received: data={data!r} (of type {type(data).__name__})"
         )
-    shard_lib.check_count("global_batch_size", global_batch_size, minimum=1)
+    check_int("global_batch_size", global_batch_size, minimum=1)
     shard_lib.check_policy(policy)
     _check_options(None, map_fn, augment_fn, cache, shuffle, seed, drop_remainder, deterministic)
     replicas = strategy.num_replicas_in_sync
@@ -241,8 +241,8 @@ def per_replica_batch_size(global_batch_size: int, num_replicas: int) -> int:
     >>> per_replica_batch_size(64, 4)
     16
     """
-    shard_lib.check_count("global_batch_size", global_batch_size, minimum=1)
-    shard_lib.check_count("num_replicas", num_replicas, minimum=1)
+    check_int("global_batch_size", global_batch_size, minimum=1)
+    check_int("num_replicas", num_replicas, minimum=1)
     if global_batch_size % num_replicas:
         lower = (global_batch_size // num_replicas) * num_replicas
         upper = lower + num_replicas
@@ -410,12 +410,10 @@ def _check_options(
     deterministic: object,
 ) -> None:
     if batch_size is not None:
-        shard_lib.check_count("batch_size", batch_size, minimum=1)
+        check_int("batch_size", batch_size, minimum=1)
     if shuffle is not None:
-        shard_lib.check_count("shuffle", shuffle, minimum=1)
-    if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"Expected `seed` to be an int or None. Received: seed={seed!r}")
+        check_int("shuffle", shuffle, minimum=1)
+    check_int("seed", seed, allow_none=True)
     for name, fn in (("map_fn", map_fn), ("augment_fn", augment_fn)):
         if fn is not None and not callable(fn):
             raise TypeError(

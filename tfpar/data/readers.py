@@ -37,6 +37,8 @@ from typing import Any, Literal
 import numpy as np
 import tensorflow as tf
 
+from tfpar._validation import check_int
+
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
 ON_ERROR = ("raise", "skip")
 # The first bytes of every format tf.io.decode_image reads (it goes by content, not extension).
@@ -415,11 +417,7 @@ def write_tfrecords(
     """
     columns = _check_arrays(arrays)
     rows = len(next(iter(columns.values())))
-    if isinstance(num_files, bool) or not isinstance(num_files, int):
-        raise TypeError(
-            f"Expected `num_files` to be an int. Received: num_files={num_files!r} "
-            f"(of type {type(num_files).__name__})"
-        )
+    check_int("num_files", num_files)
     if not 1 <= num_files <= rows:
         raise ValueError(
             f"Expected 1 <= num_files <= {rows} (the number of rows). Received: num_files={num_files}"

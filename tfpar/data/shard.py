@@ -24,7 +24,6 @@ Every dataset this module returns has TensorFlow's auto-shard policy set to OFF,
 from __future__ import annotations
 
 import logging
-import numbers
 import os
 import warnings
 import weakref
@@ -32,6 +31,7 @@ from typing import Literal
 
 import tensorflow as tf
 
+from tfpar._validation import check_int
 from tfpar.data import _dataset_graph, readers
 
 POLICIES = ("auto", "file", "data")
@@ -93,8 +93,8 @@ def shard_with_policy(
     'data'
     """
     check_dataset(dataset)
-    check_count("num_shards", num_shards, minimum=1)
-    check_count("index", index, minimum=0)
+    check_int("num_shards", num_shards, minimum=1)
+    check_int("index", index, minimum=0)
     if index >= num_shards:
         raise ValueError(
             f"Expected 0 <= index < num_shards. Received: index={index}, num_shards={num_shards}. "
@@ -137,7 +137,7 @@ def choose_policy(dataset: tf.data.Dataset, num_shards: int) -> Literal["file", 
     'file'
     """
     check_dataset(dataset)
-    check_count("num_shards", num_shards, minimum=1)
+    check_int("num_shards", num_shards, minimum=1)
     chosen, _ = _choose(dataset, num_shards, "auto")
     return chosen  # type: ignore[return-value]
 
@@ -185,7 +185,7 @@ def set_auto_shard_policy(dataset: tf.data.Dataset, num_workers: int) -> tf.data
     <AutoShardPolicy.OFF: -1>
     """
     check_dataset(dataset)
-    check_count("num_workers", num_workers, minimum=1)
+    check_int("num_workers", num_workers, minimum=1)
     current = dataset.options().experimental_distribute.auto_shard_policy
     if current != tf.data.experimental.AutoShardPolicy.AUTO:
         return dataset
@@ -253,17 +253,6 @@ def check_dataset(dataset: object) -> None:
             "Expected a tf.data.Dataset (for numpy arrays use tfpar.data.from_numpy). "
             f"Received: dataset={dataset!r} (of type {type(dataset).__name__})"
         )
-
-
-def check_count(name: str, value: object, *, minimum: int) -> None:
-    """Raises unless `value` is an int >= `minimum` (shared argument check)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"Expected `{name}` to be an int. Received: {name}={value!r} "
-            f"(of type {type(value).__name__})"
-        )
-    if value < minimum:
-        raise ValueError(f"Expected `{name}` >= {minimum}. Received: {name}={value}")
 
 
 def check_policy(policy: object) -> None:

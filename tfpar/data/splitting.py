@@ -25,6 +25,8 @@ from typing import Literal
 import numpy as np
 import tensorflow as tf
 
+from tfpar._validation import check_int
+
 # The package re-exports a *function* named `shard`, which shadows the submodule attribute.
 shard_lib = importlib.import_module("tfpar.data.shard")
 
@@ -72,11 +74,7 @@ def split(
     if mode not in MODES:
         raise ValueError(f"Expected mode to be one of {list(MODES)}. Received: mode={mode!r}")
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(
-                f"Expected `seed` to be an int or None. Received: seed={seed!r} "
-                f"(of type {type(seed).__name__})"
-            )
+        check_int("seed", seed, allow_none=True)
         if mode == "sequential":
             raise ValueError(
                 "A seed only applies to mode='random'; a sequential split is already "

@@ -112,7 +112,7 @@ def test_layers_work_inside_a_tf_data_map(table):
         (lambda: td.imputation(np.ones((2, 2)), fill_value=1.0), ValueError, "only applies"),
         (lambda: td.imputation(method="mean"), ValueError, "from `data`"),
         (lambda: td.standardization(np.array([[np.nan, 1.0]])), ValueError, r"feature\(s\) \[0\]"),
-        (lambda: td.standardization(np.ones((2, 2)), axis=1), ValueError, "negative `axis`"),
+        (lambda: td.standardization(np.ones((2, 2)), axis=1), ValueError, r"`axis` to be a negative int .*Received: axis=1 \(of type int\)"),
         (lambda: td.standardization({"x": np.ones(2)}), TypeError, "not a dict"),
         (lambda: td.standardization(np.ones((0, 3))), ValueError, "non-empty"),
         (lambda: td.compute_statistics(np.ones(3), strategy="mirrored"), TypeError, "strategy"),

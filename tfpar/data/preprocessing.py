@@ -35,6 +35,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfpar._validation import check_int
+
 METHODS = ("mean", "median", "constant")
 CHUNK_ROWS = 4096
 
@@ -358,13 +360,8 @@ class _Moments:
 def _check_axis(axis: object) -> None:
     if axis is None:
         return
-    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-        raise TypeError(f"Expected `axis` to be a negative int or None. Received: axis={axis!r}")
-    if axis >= 0:
-        raise ValueError(
-            "Expected a negative `axis` (counted from the end, the same for examples and "
-            f"batches), e.g. -1 for the last axis. Received: axis={axis}"
-        )
+    check_int("axis", axis, maximum=-1, expected="a negative int (counted from the end, the same for "
+              "examples and batches; -1 is the last axis) or None")
 
 
 def _check_missing(missing_value: object) -> None:

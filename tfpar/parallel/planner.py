@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from tfpar import devices as devices_lib
+from tfpar._validation import check_int
 from tfpar.parallel import cost as cost_lib
 from tfpar.parallel import gpipe
 from tfpar.parallel import layer_graph
@@ -369,12 +370,9 @@ def _check_arguments(
             "Expected either layer counts in `balance` or `split_points`, not both. "
             f"Received: balance={balance!r}, split_points={split_points!r}"
         )
-    for name, value, low in (("batch_size", batch_size, 1), ("optimizer_slots", optimizer_slots, 0),
-                             ("time_repeats", time_repeats, 1)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise TypeError(f"Expected {name} to be an int. Received: {name}={value!r} (of type {type(value).__name__})")
-        if value < low:
-            raise ValueError(f"Expected {name} >= {low}. Received: {name}={value}")
+    check_int("batch_size", batch_size, minimum=1)
+    check_int("optimizer_slots", optimizer_slots, minimum=0)
+    check_int("time_repeats", time_repeats, minimum=1)
     gpipe.check_microbatches(microbatches)
 
 

@@ -227,21 +227,7 @@ def _child(args: argparse.Namespace) -> dict:
     # --- timed runs, interleaved round-robin; the starting variant rotates ---
     # Wall time is what the table reports. Process CPU time (all threads) is recorded as well: on a
     # machine shared with other jobs, waiting for a core inflates wall time far more than CPU time.
-    times = {name: [] for name in VARIANTS}
-    cpu_times = {name: [] for name in VARIANTS}
-    for repeat in range(args.repeats):
-        order = VARIANTS[repeat % len(VARIANTS):] + VARIANTS[: repeat % len(VARIANTS)]
-        for name in order:
-            start, cpu_start = time.perf_counter(), time.process_time()
-            runners[name](1)
-            times[name].append(time.perf_counter() - start)
-            cpu_times[name].append(time.process_time() - cpu_start)
-        print(
-            f"[{n_devices} devices] repeat {repeat + 1}/{args.repeats}: "
-            + ", ".join(f"{name} {times[name][-1]:.2f} s" for name in VARIANTS),
-            file=sys.stderr,
-            flush=True,
-        )
+    times, cpu_times = _timed_runs(runners, args, n_devices)
 
     # After all runs every variant has trained 1 + repeats epochs on the same data, in the same order.
     diff_all_epochs = max_weight_diff()
@@ -269,6 +255,26 @@ def _child(args: argparse.Namespace) -> dict:
         "load_average_end": os.getloadavg(),
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "tfpar": tfpar.__version__},
     }
+
+
+def _timed_runs(runners: dict, args: argparse.Namespace, n_devices: int) -> tuple[dict, dict]:
+    """One epoch of every variant per repeat, round-robin; returns (wall, CPU) seconds per variant."""
+    times = {name: [] for name in VARIANTS}
+    cpu_times = {name: [] for name in VARIANTS}
+    for repeat in range(args.repeats):
+        order = VARIANTS[repeat % len(VARIANTS):] + VARIANTS[: repeat % len(VARIANTS)]
+        for name in order:
+            start, cpu_start = time.perf_counter(), time.process_time()
+            runners[name](1)
+            times[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - cpu_start)
+        print(
+            f"[{n_devices} devices] repeat {repeat + 1}/{args.repeats}: "
+            + ", ".join(f"{name} {times[name][-1]:.2f} s" for name in VARIANTS),
+            file=sys.stderr,
+            flush=True,
+        )
+    return times, cpu_times
 
 
 # === Parent: one child per device count, then the table ===

@@ -128,69 +128,87 @@ def _child(args: argparse.Namespace) -> None:
                 model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss)
             model.fit(dataset, epochs=epochs, steps_per_epoch=args.steps, verbose=0, callbacks=[Clock()])
         elif args.child == "ps-hand-keras":
-            cluster_coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
-            with tfpar.scope(strategy):
-                model = build()
-                model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss)
-            model.build((None, 32, 32, 3))
-            model.optimizer.build(model.trainable_variables)
-            model.compute_loss(y=tf.zeros([1], tf.int64), y_pred=tf.zeros([1, 10]))  # builds the compiled loss
-            iterator = iter(cluster_coordinator.create_per_worker_dataset(
-                strategy.experimental_distribute_dataset(dataset)
-            ))
-
-            @tf.function
-            def keras_step(iterator):
-                return strategy.run(model.train_step, args=(next(iterator),))
-
-            for epoch in range(epochs):
-                if epoch == 1:
-                    marks.append(time.perf_counter())
-                model.reset_metrics()
-                for _ in range(args.steps):
-                    cluster_coordinator.schedule(keras_step, args=(iterator,))
-                cluster_coordinator.join()
-                model.get_metrics_result()
-            marks.append(time.perf_counter())
+            _ps_hand_keras(args, strategy, dataset, build, loss, epochs, marks)
         else:
-            cluster_coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
-            with strategy.scope():
-                model = build()
-                optimizer = keras.optimizers.SGD(0.01)
-                mean_loss = keras.metrics.Mean()
-            per_worker = cluster_coordinator.create_per_worker_dataset(
-                strategy.experimental_distribute_dataset(dataset)
-            )
-            iterator = iter(per_worker)
-
-            @tf.function
-            def step(iterator):
-                def replica_step(batch):
-                    features, labels = batch
-                    with tf.GradientTape() as tape:
-                        value = loss(labels, model(features, training=True))
-                    gradients = tape.gradient(value, model.trainable_variables)
-                    optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-                    mean_loss.update_state(value)
-                    return value
-
-                return strategy.run(replica_step, args=(next(iterator),))
-
-            for epoch in range(epochs):
-                if epoch == 1:
-                    marks.append(time.perf_counter())
-                mean_loss.reset_state()
-                for _ in range(args.steps):
-                    cluster_coordinator.schedule(step, args=(iterator,))
-                cluster_coordinator.join()
-                float(mean_loss.result().numpy())
-            marks.append(time.perf_counter())
+            _ps_hand_loop(args, strategy, dataset, build, loss, epochs, marks)
         trained = args.epochs * args.steps * args.batch
         role = "chief0"
     with open(f"{args.out}.{role}", "w") as handle:
         json.dump({"seconds": marks[-1] - marks[0], "examples": trained}, handle)
     sys.stdout.flush()
     sys.stderr.flush()
+
+
+def _ps_hand_keras(args: argparse.Namespace, strategy, dataset, build, loss, epochs: int, marks: list[float]) -> None:
+    """Child "ps-hand-keras": a ClusterCoordinator loop scheduling Keras' own train_step."""
+    import keras
+    import tensorflow as tf
+
+    import tfpar
+
+    cluster_coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
+    with tfpar.scope(strategy):
+        model = build()
+        model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss)
+    model.build((None, 32, 32, 3))
+    model.optimizer.build(model.trainable_variables)
+    model.compute_loss(y=tf.zeros([1], tf.int64), y_pred=tf.zeros([1, 10]))  # builds the compiled loss
+    iterator = iter(cluster_coordinator.create_per_worker_dataset(
+        strategy.experimental_distribute_dataset(dataset)
+    ))
+
+    @tf.function
+    def keras_step(iterator):
+        return strategy.run(model.train_step, args=(next(iterator),))
+
+    for epoch in range(epochs):
+        if epoch == 1:
+            marks.append(time.perf_counter())
+        model.reset_metrics()
+        for _ in range(args.steps):
+            cluster_coordinator.schedule(keras_step, args=(iterator,))
+        cluster_coordinator.join()
+        model.get_metrics_result()
+    marks.append(time.perf_counter())
+
+
+def _ps_hand_loop(args: argparse.Namespace, strategy, dataset, build, loss, epochs: int, marks: list[float]) -> None:
+    """Child "ps-hand": a ClusterCoordinator loop with a hand-written GradientTape step."""
+    import keras
+    import tensorflow as tf
+
+    cluster_coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
+    with strategy.scope():
+        model = build()
+        optimizer = keras.optimizers.SGD(0.01)
+        mean_loss = keras.metrics.Mean()
+    per_worker = cluster_coordinator.create_per_worker_dataset(
+        strategy.experimental_distribute_dataset(dataset)
+    )
+    iterator = iter(per_worker)
+
+    @tf.function
+    def step(iterator):
+        def replica_step(batch):
+            features, labels = batch
+            with tf.GradientTape() as tape:
+                value = loss(labels, model(features, training=True))
+            gradients = tape.gradient(value, model.trainable_variables)
+            optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+            mean_loss.update_state(value)
+            return value
+
+        return strategy.run(replica_step, args=(next(iterator),))
+
+    for epoch in range(epochs):
+        if epoch == 1:
+            marks.append(time.perf_counter())
+        mean_loss.reset_state()
+        for _ in range(args.steps):
+            cluster_coordinator.schedule(step, args=(iterator,))
+        cluster_coordinator.join()
+        float(mean_loss.result().numpy())
+    marks.append(time.perf_counter())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -265,11 +265,13 @@ def callbacks():
         ],
     )
     restored = keras.models.load_model(checkpoint, custom_objects={"CountSeen": CountSeen})
+    with open(os.path.join(directory, "log.csv")) as handle:
+        csv_rows = handle.read().strip().splitlines()
     RESULT["fit"] = {
         "epochs_run": len(history.history["loss"]),
         "history_keys": sorted(history.history),
         "events": recorder.events,
-        "csv_rows": open(os.path.join(directory, "log.csv")).read().strip().splitlines(),
+        "csv_rows": csv_rows,
         "tensorboard": sorted(os.listdir(os.path.join(directory, "tb"))),
         "tensorboard_files": sum(len(files) for _, _, files in os.walk(os.path.join(directory, "tb"))),
         "checkpoint_predict_diff": float(np.abs(restored.predict(x, verbose=0) - model.predict(x, verbose=0)).max()),
@@ -371,7 +373,7 @@ def partition():
         reloaded = embedding_model(vocabulary, seed=9)
         reloaded.build((None, 3))
         reloaded.load_weights(path)
-        lookup = tf.function(lambda batch: model(batch))
+        lookup = tf.function(lambda batch: model(batch))  # noqa: B023 -- traced and used in this iteration only
         RESULT[name] = {
             "embedding_shards": shard_devices(embedding),
             "kernel_shards": shard_devices(kernel),

@@ -72,9 +72,8 @@ def test_sync_batchnorm_applies_only_inside_the_scope():
 
 
 def test_sync_batchnorm_must_be_bool():
-    with pytest.raises(TypeError, match="sync_batchnorm to be a bool"):
-        with tfpar.scope("mirrored", sync_batchnorm="yes"):
-            pass
+    with pytest.raises(TypeError, match="sync_batchnorm to be a bool"), tfpar.scope("mirrored", sync_batchnorm="yes"):
+        pass
 
 
 def test_no_warning_on_one_replica():

@@ -27,8 +27,7 @@ import pytest
 
 import tfpar.testing
 from tfpar import cluster as cluster_lib
-from tfpar import coordinator
-from tfpar import launch
+from tfpar import coordinator, launch
 
 PY = sys.executable
 SCRIPTS = Path(__file__).parent / "scripts"

@@ -215,18 +215,19 @@ def test_scope_mixed_precision_sets_and_restores_policy():
         assert keras.config.dtype_policy().name == "mixed_float16"
     assert layer.compute_dtype == "float16" and layer.variable_dtype == "float32"
     assert keras.config.dtype_policy().name == "float32"
-    with pytest.raises(ValueError, match=r"mixed_precision to be one of \['mixed_float16', 'mixed_bfloat16'\]"):
-        with tfpar.scope("mirrored", mixed_precision="float8"):
-            pass
+    with (
+        pytest.raises(ValueError, match=r"mixed_precision to be one of \['mixed_float16', 'mixed_bfloat16'\]"),
+        tfpar.scope("mirrored", mixed_precision="float8"),
+    ):
+        pass
 
 
 def test_nested_scopes():
     with tfpar.scope("mirrored") as outer:
         with tfpar.scope(outer) as inner:
             assert inner is outer
-        with pytest.raises(RuntimeError, match="inside the scope of another strategy"):
-            with tfpar.scope("one_device"):
-                pass
+        with pytest.raises(RuntimeError, match="inside the scope of another strategy"), tfpar.scope("one_device"):
+            pass
         assert tf.distribute.get_strategy() is outer
     assert not tf.distribute.has_strategy()
 

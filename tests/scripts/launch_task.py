@@ -15,7 +15,7 @@ Modes:
               a child in its own session (setsid) and a double-forked daemon; every process
               (this one included) writes its pid to PID_DIR/<task>.<label>.pids; prints nothing
               after that and sleeps 600 s. With a third argument "exit", this task exits 0 as
-              soon as the tree is recorded (what it started stays behind). With "fail-on FILE",
+              soon as the whole tree is recorded (what it started stays behind). With "fail-on FILE",
               worker:1 starts no tree: it waits for FILE (at most 120 s) and exits 1, so the
               launcher stops the other tasks while they run.
               TFPAR_TEST_TERM=ignore: every process of the tree ignores SIGTERM; =record: on
@@ -150,6 +150,14 @@ elif mode == "tree":
     with open(os.path.join(pid_dir, f"{name}.task.pids"), "w") as handle:
         handle.write(f"{os.getpid()}\n")
     if sys.argv[3:] == ["exit"]:
+        # Recorded means every process of the tree wrote its pid: on a loaded machine a child may
+        # not have run yet when this line is reached (then the guard stops it before it writes).
+        labels = ("task", "bash", "under-bash", "own-session", "daemon")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not all(
+            os.path.exists(os.path.join(pid_dir, f"{name}.{label}.pids")) for label in labels
+        ):
+            time.sleep(0.05)
         sys.exit(0)
     time.sleep(600)
 elif mode == "network":

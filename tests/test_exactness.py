@@ -220,6 +220,7 @@ def test_cnn_empty_batch_guard_is_only_traced_in_when_needed():
     assert any("drop_remainder=True" in str(w.message) for w in caught)
 
 
+@pytest.mark.multiprocess
 def test_upstream_cnn_crashes_on_empty_replicas():
     import subprocess
     import sys

@@ -246,6 +246,7 @@ def test_many_mirrored_scopes_with_different_models_in_one_process():
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_upstream_fails_on_a_second_mirrored_strategy_with_another_pattern():
     """What the collective-key bump fixes (run in a fresh process: the failure poisons it)."""
     code = textwrap.dedent(

@@ -139,6 +139,7 @@ def _dataset_with_class_weight(dataset: DatasetInput, class_weight: Any) -> Data
         weighted = with_class_weight(dataset.dataset, class_weight)
         return DatasetInput(weighted, None, weighted.element_spec)
     user_fn = dataset.dataset_fn
+    assert user_fn is not None  # a DatasetInput holds a dataset or a dataset_fn
     return DatasetInput(None, lambda context: with_class_weight(user_fn(context), class_weight), None)
 
 

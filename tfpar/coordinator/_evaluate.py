@@ -45,6 +45,7 @@ def eval_input(x: Any, y: Any, sample_weight: Any, batch_size: Any, steps: Any, 
             )
         return arrays
     source = dataset.dataset
+    assert source is not None  # evaluation takes a dataset, never a dataset_fn
     if steps is not None:
         source = source.take(steps)
     size = cardinality(source)
@@ -68,6 +69,7 @@ class Evaluator:
             self.worker_data = WorkerArrays(runner, data)
             self.function = closures.get("test_arrays", data.spec(), lambda: _test_arrays_fn(runner))
         else:
+            assert data.dataset is not None  # evaluation takes a dataset, never a dataset_fn
             enumerated = data.dataset.enumerate()
             self.per_worker = runner.coordinator.create_per_worker_dataset(
                 runner.strategy.experimental_distribute_dataset(enumerated)

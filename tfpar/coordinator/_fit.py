@@ -136,11 +136,13 @@ def _train_epoch(runner: Runner, source: TrainSource, callbacks: keras.callbacks
 def _reschedule_skipped(runner: Runner, source: TrainSource, scheduled: list[tuple[Any, Any]]) -> None:
     """Bounded staleness: re-runs the steps that closures gave back (until none is left)."""
     pending = scheduled
+    staleness = runner.staleness
+    assert staleness is not None  # closures give steps back only under bounded staleness
     while True:
         leftovers = [left for remote, item in pending for left in source.leftovers(int(remote.fetch()[0]), item)]
         if not leftovers:
             return
-        runner.staleness.plan(len(leftovers))
+        staleness.plan(len(leftovers))
         pending = [(source.schedule(item), item) for item in leftovers]
         runner.coordinator.join()
 

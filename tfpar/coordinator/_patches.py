@@ -315,6 +315,10 @@ SHARDED_VARIABLES = _compat.Interception(
     patches={GRADIENT: _gradient, SLOT: _add_variable_from_reference, UPDATE_STEP: _distributed_tf_update_step,
              ARRAY: _array, TAKE: _take},
 )
+def _register_shutdown() -> None:
+    atexit.register(_stop_coordinators)
+
+
 COORDINATOR_SHUTDOWN = _compat.Interception(
     slug="coordinator-shutdown",
     summary="the coordinator process exits after a worker was lost and restarted (its ClusterCoordinator "
@@ -322,7 +326,7 @@ COORDINATOR_SHUTDOWN = _compat.Interception(
     targets=(COORDINATOR_DEL, CLUSTER_STOP),
     upstream_issue="none found: TF 2.21 WorkerPreemptionHandler holds _cluster_update_lock at exit",
     test=_PS_TEST + "test_the_coordinator_exits_after_a_worker_was_lost",
-    on_install=lambda: atexit.register(_stop_coordinators),
+    on_install=_register_shutdown,
 )
 
 INTERCEPTIONS = tuple(

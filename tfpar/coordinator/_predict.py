@@ -96,13 +96,15 @@ def _predict_arrays_fn(runner: Runner) -> Callable[..., Any]:
 def _predict_dataset(runner: Runner, data: DatasetInput, closures: Closures,
                      callback_list: keras.callbacks.CallbackList) -> list[Any]:
     coordinator = runner.coordinator
+    dataset = data.dataset
+    assert dataset is not None  # predict takes a dataset, never a dataset_fn
     per_worker = coordinator.create_per_worker_dataset(
-        runner.strategy.experimental_distribute_dataset(data.dataset.enumerate())
+        runner.strategy.experimental_distribute_dataset(dataset.enumerate())
     )
     iterator = iter(per_worker)
     function = closures.get(
-        "predict_dataset", data.dataset.element_spec,
-        lambda: _predict_dataset_fn(runner, data.dataset.enumerate().element_spec),
+        "predict_dataset", dataset.element_spec,
+        lambda: _predict_dataset_fn(runner, dataset.enumerate().element_spec),
     )
     workers = runner.workers
     exhausted: set[int] = set()

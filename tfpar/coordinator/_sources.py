@@ -155,6 +155,7 @@ def _per_worker_dataset(runner: Runner, dataset: DatasetInput) -> Any:
     if dataset.dataset is not None:
         return strategy.experimental_distribute_dataset(dataset.dataset.repeat())
     user_fn = dataset.dataset_fn
+    assert user_fn is not None  # a DatasetInput holds a dataset or a dataset_fn
     workers = runner.workers
 
     def per_worker_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:

@@ -59,7 +59,7 @@ class BatchStream:
         self.pending: collections.deque[np.ndarray] = collections.deque()
 
     def take(self, count: int) -> list[np.ndarray]:
-        out = []
+        out: list[np.ndarray] = []
         while len(out) < count:
             if not self.pending:
                 self.pending.extend(self.arrays.shuffled_batches(self.shuffle))

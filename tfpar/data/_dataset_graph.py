@@ -373,29 +373,14 @@ def find_nondeterminism(dataset: tf.data.Dataset) -> tuple[list[str], list[str]]
                     problems.append(f"{_describe(op)}{where} has no seed")
             elif op == "ShuffleDatasetV2":
                 unverifiable.append(f"shuffle ({op}){where} uses a seed generator tfpar cannot read")
-            if "deterministic" in node.attr:
-                flag = node.attr["deterministic"].s.decode()
-                if flag == "false" or (flag == "default" and options_nondeterministic):
-                    setting = (
-                        "deterministic=False"
-                        if flag == "false"
-                        else "tf.data.Options.deterministic=False"
-                    )
-                    problems.append(f"{op}{where} runs in parallel with {setting}")
-            if is_op(op, ("ParallelInterleaveDataset",)) and "Targuments" in node.attr:
-                # Inputs: dataset, captured arguments, then cycle_length.
-                position = 1 + len(node.attr["Targuments"].list.type)
-                data_inputs = [i for i in node.input if not i.startswith("^")]
-                cycle_length = (
-                    _const_value(graph, data_inputs[position], scope)
-                    if position < len(data_inputs)
-                    else None
+            setting = _nondeterministic_setting(node, options_nondeterministic)
+            if setting is not None:
+                problems.append(f"{op}{where} runs in parallel with {setting}")
+            if _autotuned_interleave(graph, node, scope):
+                unverifiable.append(
+                    f"interleave{where} has cycle_length=AUTOTUNE, so its order follows the "
+                    "CPU count of each machine"
                 )
-                if cycle_length == -1:
-                    unverifiable.append(
-                        f"interleave{where} has cycle_length=AUTOTUNE, so its order follows the "
-                        "CPU count of each machine"
-                    )
             if "sloppy" in node.attr and node.attr["sloppy"].b:
                 problems.append(f"{op}{where} is a sloppy (unordered) interleave")
             if is_op(op, _PREDICATE_OPS):
@@ -404,6 +389,34 @@ def find_nondeterminism(dataset: tf.data.Dataset) -> tuple[list[str], list[str]]
                         random_predicates.add(f"{op}{where} decides with an unseeded random op")
     problems.extend(sorted(random_predicates))
     return problems, unverifiable
+
+
+def _nondeterministic_setting(node, options_nondeterministic: bool) -> str | None:
+    """The setting that makes a parallel op of :func:`find_nondeterminism` unordered, else None."""
+    if "deterministic" in node.attr:
+        flag = node.attr["deterministic"].s.decode()
+        if flag == "false" or (flag == "default" and options_nondeterministic):
+            return (
+                "deterministic=False"
+                if flag == "false"
+                else "tf.data.Options.deterministic=False"
+            )
+    return None
+
+
+def _autotuned_interleave(graph: _Graph, node, scope: dict) -> bool:
+    """Whether `node` is a parallel interleave whose cycle_length is AUTOTUNE (-1)."""
+    if is_op(node.op, ("ParallelInterleaveDataset",)) and "Targuments" in node.attr:
+        # Inputs: dataset, captured arguments, then cycle_length.
+        position = 1 + len(node.attr["Targuments"].list.type)
+        data_inputs = [i for i in node.input if not i.startswith("^")]
+        cycle_length = (
+            _const_value(graph, data_inputs[position], scope)
+            if position < len(data_inputs)
+            else None
+        )
+        return bool(cycle_length == -1)
+    return False
 
 
 # Ops that never choose which elements come out by their values: a random stream zipped to the
@@ -485,8 +498,12 @@ def reshuffles(dataset: tf.data.Dataset) -> bool:
         return False
     for _, nodes, _ in graph.iter_scopes():
         for node in nodes:
-            if node.op in _SEEDED_OPS and node.op.startswith("Shuffle"):
-                if "reshuffle_each_iteration" in node.attr and node.attr["reshuffle_each_iteration"].b:
-                    return True
+            if (
+                node.op in _SEEDED_OPS
+                and node.op.startswith("Shuffle")
+                and "reshuffle_each_iteration" in node.attr
+                and node.attr["reshuffle_each_iteration"].b
+            ):
+                return True
     return False
 

@@ -28,7 +28,7 @@ import dataclasses
 import math
 import numbers
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import keras
@@ -445,7 +445,7 @@ def _dataset_chunks(dataset: tf.data.Dataset, axis: int | None) -> Iterator[np.n
     spec = dataset.element_spec
     if isinstance(spec, tuple):
         spec = spec[0]
-        select = lambda *element: element[0]  # noqa: E731
+        select: Callable[..., Any] = lambda *element: element[0]  # noqa: E731
     else:
         select = lambda element: element  # noqa: E731
     if not isinstance(spec, tf.TensorSpec):
@@ -494,10 +494,11 @@ def _combine_across_workers(
     """All-gathers each worker's (count, missing, mean, M2) and, for medians, its values."""
     summary = np.stack([moments.count, moments.missing, moments.mean, moments.m2])[None]
     gathered = _gather_first_replica(strategy, summary, blank=0.0)  # count 0: merges as nothing
-    combined = None
+    combined: _Moments | None = None
     for row in gathered:
         part = _Moments(row[0], row[1], row[2], row[3])
         combined = part if combined is None else combined.merge(part)
+    assert combined is not None, "the gather has a row for at least this worker"
     if values is None:
         return combined, None
     # Workers hold different numbers of rows: pad with NaN (= missing) to the longest first.
@@ -517,7 +518,7 @@ def _gather_first_replica(
     of `blank` (a value the caller ignores: zero counts, or NaN = missing) from the others, so
     every replica contributes the same shape.
     """
-    calls = []
+    calls: list[Any] = []
 
     def value_fn(context: tf.distribute.experimental.ValueContext) -> tf.Tensor:
         first = not calls

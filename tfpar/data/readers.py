@@ -886,7 +886,7 @@ def _index_images(
         paths: list[str] = []
         labels: list[int] = []
         for label, name in enumerate(names):
-            found = []
+            found: list[str] = []
             for folder, _, files in os.walk(os.path.join(root, name)):
                 found.extend(os.path.join(folder, f) for f in files if _is_image(f))
             paths.extend(sorted(found))

@@ -20,7 +20,7 @@ import logging
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import tensorflow as tf
@@ -89,7 +89,7 @@ def split(
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         return tuple(dataset.skip(int(s)).take(int(n)) for s, n in zip(starts, sizes))
     if seed is None:
-        seed = int(np.random.SeedSequence().entropy % (2**63))
+        seed = int(cast(int, np.random.SeedSequence().entropy) % (2**63))  # drawn entropy is an int
         logger.info("tfpar.data.split: mode='random' drew seed=%d (pass seed= to reproduce)", seed)
     blocks = np.repeat(np.arange(len(sizes), dtype=np.uint8), sizes)
     table = tf.constant(np.random.default_rng(seed).permutation(blocks))

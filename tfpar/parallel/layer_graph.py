@@ -150,7 +150,7 @@ class LayerGraph:
         """For each stage, the tensors it produces that later stages or the outputs read."""
         owner = {name: s for s, layers in enumerate(stages) for name in layers}
         sent: list[dict[TensorRef, None]] = [{} for _ in stages]
-        for s, refs in enumerate(self.cuts(stages)):
+        for _s, refs in enumerate(self.cuts(stages)):
             for ref in refs:
                 if ref.layer in owner:
                     sent[owner[ref.layer]][ref] = None
@@ -221,7 +221,8 @@ def model_config(model: Any) -> dict[str, Any]:
     """
     if isinstance(model, keras.Sequential):
         return {"class_name": "Sequential", "config": model.get_config()}
-    functional = next((c for c in type(model).__mro__ if c.__name__ == "Functional"), None)
+    # Any: a Keras class found at run time, whose get_config is called unbound on `model`.
+    functional: Any = next((c for c in type(model).__mro__ if c.__name__ == "Functional"), None)
     if functional is None:
         raise TypeError(
             "tfpar.parallel can split Functional and Sequential models, whose layer graph is known "

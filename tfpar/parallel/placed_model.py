@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import types
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import keras
 import numpy as np
@@ -44,8 +44,7 @@ import tensorflow as tf
 
 from tfpar._validation import check_int
 from tfpar.parallel import cost as cost_lib
-from tfpar.parallel import gpipe
-from tfpar.parallel import layer_graph
+from tfpar.parallel import gpipe, layer_graph
 from tfpar.parallel import planner as plan_lib
 
 BATCH_NORM_MODES = ("full_batch", "microbatch")
@@ -375,7 +374,7 @@ def split(
     config = layer_graph.model_config(model)
     layer_graph.from_model(model).check_order([n for stage in the_plan.stages for n in stage.layers])
     m = the_plan.microbatches if microbatches is None else microbatches
-    start = 1 if m == gpipe.AUTO else m
+    start = 1 if m == gpipe.AUTO else cast(int, m)  # checked above: an int, or AUTO
     # The model's plan records the micro-batch count it runs with (bubble, predicted step time).
     placed = SplitModel(config, dataclasses.replace(the_plan, microbatches=start),
                         microbatches=start, batch_norm=batch_norm, name=model.name)

@@ -19,10 +19,8 @@ import numpy as np
 from tfpar import devices as devices_lib
 from tfpar._validation import check_int
 from tfpar.parallel import cost as cost_lib
-from tfpar.parallel import gpipe
-from tfpar.parallel import layer_graph
+from tfpar.parallel import gpipe, layer_graph, report
 from tfpar.parallel import partition as partition_lib
-from tfpar.parallel import report
 
 
 class MemoryLimitError(ValueError):
@@ -304,6 +302,7 @@ def plan(
     }
     cost_list = [costs[n] for n in names]
     memory_list = [float(memory[n]) for n in names]
+    sizes: tuple[int, ...] | None
     if split_points is not None:
         sizes = _sizes_from_split_points(split_points, names, k, graph.name)
         label = "split_points"

@@ -182,9 +182,9 @@ class PlacementReport:
         """Descriptions of ops and variables that are not on their layer's planned device."""
         if self.planned is None:
             return []
-        wrong = collections.Counter()
+        wrong: collections.Counter[tuple[str, str, str]] = collections.Counter()
         for op in self.ops:
-            if op.layer in self.planned and op.device != self.planned[op.layer]:
+            if op.layer is not None and op.layer in self.planned and op.device != self.planned[op.layer]:
                 wrong[(op.layer, op.phase, op.device)] += 1
         lines = [
             f"{count} {phase} op(s) of layer {layer!r} ran on {device}, planned {self.planned[layer]}"

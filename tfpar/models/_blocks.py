@@ -109,24 +109,7 @@ def check_common(
             f"{model}: expected `num_classes` to be >= 1 (the number of output classes). "
             f"Received: num_classes={num_classes}"
         )
-    if classifier_activation is not None and not (
-        isinstance(classifier_activation, str) or callable(classifier_activation)
-    ):
-        raise TypeError(
-            f"{model}: expected `classifier_activation` to be an activation name such as "
-            "'softmax', a callable, or None for logits. "
-            f"Received: classifier_activation={classifier_activation!r} "
-            f"(of type {type(classifier_activation).__name__})"
-        )
-    if isinstance(classifier_activation, str):
-        try:
-            keras.activations.get(classifier_activation)
-        except ValueError as error:
-            raise ValueError(
-                f"{model}: unknown `classifier_activation`; expected a Keras activation name "
-                "such as 'softmax' or 'sigmoid', or None for logits. "
-                f"Received: classifier_activation={classifier_activation!r}"
-            ) from error
+    _check_classifier_activation(model, classifier_activation)
     if not isinstance(include_top, bool):
         raise TypeError(
             f"{model}: expected `include_top` to be True or False. "
@@ -168,6 +151,34 @@ def check_common(
             f"{model}: expected `width` > 0 (a channel multiplier; 1.0 is the published "
             f"model, 0.125 a small CPU experiment). Received: width={width!r}"
         )
+    _check_name(model, name)
+    return shape
+
+
+def _check_classifier_activation(model: str, classifier_activation: Any) -> None:
+    """Part of :func:`check_common`: None, a callable, or a known Keras activation name."""
+    if classifier_activation is not None and not (
+        isinstance(classifier_activation, str) or callable(classifier_activation)
+    ):
+        raise TypeError(
+            f"{model}: expected `classifier_activation` to be an activation name such as "
+            "'softmax', a callable, or None for logits. "
+            f"Received: classifier_activation={classifier_activation!r} "
+            f"(of type {type(classifier_activation).__name__})"
+        )
+    if isinstance(classifier_activation, str):
+        try:
+            keras.activations.get(classifier_activation)
+        except ValueError as error:
+            raise ValueError(
+                f"{model}: unknown `classifier_activation`; expected a Keras activation name "
+                "such as 'softmax' or 'sigmoid', or None for logits. "
+                f"Received: classifier_activation={classifier_activation!r}"
+            ) from error
+
+
+def _check_name(model: str, name: Any) -> None:
+    """Part of :func:`check_common`: None or a non-empty string."""
     if name is not None and not isinstance(name, str):
         raise TypeError(
             f"{model}: expected `name` to be a string or None (for the default name). "
@@ -178,7 +189,6 @@ def check_common(
             f"{model}: expected `name` to be a non-empty string or None (for the default name). "
             f"Received: name={name!r}"
         )
-    return shape
 
 
 # === Layers shared by the builders ===

@@ -90,6 +90,12 @@ class LocalResponseNormalization(keras.layers.Layer):
         TensorShape([1, 4, 4, 8])
     """
 
+    # Declared here: mypy cannot infer attributes assigned in __init__ of an untyped Keras base class.
+    depth_radius: int
+    bias: float
+    alpha: float
+    beta: float
+
     def __init__(
         self,
         depth_radius: int = 2,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 __all__ = ["check_choice", "check_fraction", "check_int", "check_positive_number", "received"]
 
@@ -69,7 +69,8 @@ def check_int(
     sentence = f"Expected `{name}` to be {expected}."
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(_message(sentence, name, value, hint))
-    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+    number = int(value)  # exact for an Integral; typeshed's numbers.Integral has no comparison operators
+    if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
         raise ValueError(_message(sentence, name, value, hint))
     return int(value)
 
@@ -98,7 +99,8 @@ def check_positive_number(name: str, value: Any, *, allow_zero: bool = False, hi
     expected = f"Expected `{name}` to be a finite number {bound}."
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(_message(expected, name, value, hint))
-    if not math.isfinite(value) or (value < 0 if allow_zero else value <= 0):
+    real = cast(float, value)  # typeshed's numbers.Real has no comparison operators; compare the value itself
+    if not math.isfinite(real) or (real < 0 if allow_zero else real <= 0):
         raise ValueError(_message(expected, name, value, hint))
     return float(value)
 
@@ -117,7 +119,8 @@ def check_fraction(name: str, value: Any, *, hint: str = "") -> float:
     expected = f"Expected `{name}` to be a fraction in [0, 1]."
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(_message(expected, name, value, hint))
-    if not 0.0 <= value <= 1.0:  # False for NaN too
+    real = cast(float, value)  # typeshed's numbers.Real has no comparison operators; compare the value itself
+    if not 0.0 <= real <= 1.0:  # False for NaN too
         raise ValueError(_message(expected, name, value, hint))
     return float(value)
 

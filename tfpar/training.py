@@ -110,6 +110,12 @@ def scale_learning_rate(
     return base * (factor if rule == "linear" else math.sqrt(factor))
 
 
+_RATES_UNSET = (
+    "LearningRateWarmup.learning_rate_at needs {}: pass it to the constructor or call this after "
+    "training has begun."
+)
+
+
 class LearningRateWarmup(keras.callbacks.Callback):
     """Linearly warms the learning rate up to its target over the first steps (Goyal et al. 2017).
 
@@ -165,10 +171,17 @@ class LearningRateWarmup(keras.callbacks.Callback):
 
     def learning_rate_at(self, step: int) -> float:
         """The warmup learning rate at optimizer step `step`."""
+        # Both rates are set by the constructor or else by on_train_begin.
+        target = self.target_learning_rate
+        if target is None:
+            raise TypeError(_RATES_UNSET.format("target_learning_rate"))
         if step >= self.warmup_steps:
-            return float(self.target_learning_rate)
+            return float(target)
+        initial = self.initial_learning_rate
+        if initial is None:
+            raise TypeError(_RATES_UNSET.format("initial_learning_rate"))
         fraction = step / self.warmup_steps
-        return float(self.initial_learning_rate + (self.target_learning_rate - self.initial_learning_rate) * fraction)
+        return float(initial + (target - initial) * fraction)
 
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))

@@ -51,7 +51,7 @@ def _run_cluster(record_dir: str) -> list[tuple[dict, str]]:
     results = []
     for process, (stdout, stderr) in zip(processes, outputs):
         assert process.returncode == 0, f"worker failed ({process.returncode}):\n{stderr[-4000:]}"
-        line = next(l for l in stdout.splitlines() if l.startswith("RESULT "))
+        line = next(text for text in stdout.splitlines() if text.startswith("RESULT "))
         results.append((json.loads(line[len("RESULT "):]), stderr))
     return sorted(results, key=lambda r: r[0]["task"])
 

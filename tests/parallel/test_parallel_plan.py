@@ -12,7 +12,7 @@ from tfpar.parallel import partition, planner
 from tfpar.parallel import plan as make_plan
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(name):
     keras.utils.set_random_seed(0)
     if name == "alexnet":

@@ -236,15 +236,19 @@ def test_auto_microbatches_measures_and_keeps_state(virtual_devices):
 
 def test_data_parallel_scope_is_refused_with_a_clear_error(virtual_devices):
     model = _sequential()
-    with tfpar.scope("mirrored", devices=virtual_devices[:2]):
-        with pytest.raises(RuntimeError, match=r"(?s)Cannot call tfpar.parallel.split\(\) inside.*MirroredStrategy with 2"):
-            split(model, virtual_devices[2:])
+    with (
+        tfpar.scope("mirrored", devices=virtual_devices[:2]),
+        pytest.raises(RuntimeError, match=r"(?s)Cannot call tfpar.parallel.split\(\) inside.*MirroredStrategy with 2"),
+    ):
+        split(model, virtual_devices[2:])
     placed = split(model, virtual_devices[2:])
     placed.compile(optimizer="sgd", loss="mse")
     x = np.zeros((4, 6), "float32")
-    with tfpar.scope("mirrored", devices=virtual_devices[:2]):
-        with pytest.raises(RuntimeError, match="Cannot run a split model inside"):
-            placed.fit(x, np.zeros((4, 3)), verbose=0)
+    with (
+        tfpar.scope("mirrored", devices=virtual_devices[:2]),
+        pytest.raises(RuntimeError, match="Cannot run a split model inside"),
+    ):
+        placed.fit(x, np.zeros((4, 3)), verbose=0)
     with tfpar.scope("default"):
         placed.fit(x, np.zeros((4, 3)), verbose=0)
 

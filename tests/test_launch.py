@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from tfpar import cluster
 from tfpar.launch import EXIT_TIMEOUT, build_parser, launch, main
 
 SCRIPTS = Path(__file__).parent / "scripts"

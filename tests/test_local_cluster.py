@@ -21,7 +21,7 @@ def _run(chief: bool, closures: int) -> dict:
         [sys.executable, str(SCRIPT), str(int(chief)), str(closures)],
         capture_output=True, text=True, timeout=120, start_new_session=True,
     )
-    lines = [l for l in result.stdout.splitlines() if l.startswith("RESULT:")]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT:")]
     assert result.returncode == 0 and lines, result.stdout + result.stderr
     return json.loads(lines[0][len("RESULT:"):])
 

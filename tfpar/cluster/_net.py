@@ -150,7 +150,7 @@ def free_ports(count: int) -> list[int]:
     while len(ports) < count:
         try:
             port = portpicker.pick_unused_port()
-        except portpicker.NoFreePortFoundError as error:  # type: ignore[attr-defined]
+        except portpicker.NoFreePortFoundError as error:
             raise RuntimeError(
                 f"Could not find {count} free TCP ports on 127.0.0.1 (found {len(ports)}). "
                 "Free some ports or retry."

@@ -15,18 +15,19 @@ from tfpar.cluster._tf_config import parse_address, parse_tf_config, short, vali
 
 __all__ = ["ClusterResolver", "resolve"]
 
+#: ``tf.distribute.cluster_resolver.ClusterResolver`` (kept as ``tfpar.cluster.ClusterResolver``).
 ClusterResolver = tf.distribute.cluster_resolver.ClusterResolver
 
 _SOURCES = ("tf_config", "slurm")
 
 
 def resolve(
-    cluster: str | Mapping[str, Any] | ClusterResolver | tf.train.ClusterSpec | None = "tf_config",
+    cluster: str | Mapping[str, Any] | tf.distribute.cluster_resolver.ClusterResolver | tf.train.ClusterSpec | None = "tf_config",
     *,
     task_type: str | None = None,
     task_id: int | None = None,
     rpc_layer: str = "grpc",
-) -> ClusterResolver:
+) -> tf.distribute.cluster_resolver.ClusterResolver:
     """Returns a validated ClusterResolver for a multi-worker or parameter-server strategy.
 
     Args:
@@ -106,7 +107,7 @@ def _default_source() -> str:
 
 def _from_environment(
     source: str, explicit_task: bool, task_type: str | None, task_id: int | None, rpc_layer: str
-) -> ClusterResolver:
+) -> tf.distribute.cluster_resolver.ClusterResolver:
     """The resolver of ``"tf_config"`` or ``"slurm"``: the environment describes the task."""
     if source not in _SOURCES:
         raise ValueError(
@@ -129,7 +130,7 @@ def _from_environment(
 
 def _from_dict(
     cluster: Mapping[str, Any], explicit_task: bool, task_type: str | None, task_id: int | None, rpc_layer: str
-) -> ClusterResolver:
+) -> tf.distribute.cluster_resolver.ClusterResolver:
     """The resolver of a TF_CONFIG-shaped dict, or of a cluster spec dict and this task."""
     if "cluster" in cluster or "task" in cluster:
         if explicit_task:

@@ -53,8 +53,9 @@ class NetworkNamespace:
             start_new_session=True,
         )
         lines: queue.Queue = queue.Queue()
-        holder = self.holder
-        threading.Thread(target=lambda: lines.put(holder.stdout.readline()), daemon=True).start()
+        stdout = self.holder.stdout
+        assert stdout is not None  # stdout=PIPE
+        threading.Thread(target=lambda: lines.put(stdout.readline()), daemon=True).start()
         try:
             line = lines.get(timeout=_READY_SECONDS).decode(errors="replace").strip()
         except queue.Empty:
@@ -67,15 +68,17 @@ class NetworkNamespace:
 
     def stop(self) -> None:
         """Ends the helper (closing its stdin), which lets the namespace go."""
-        if self.holder is None:
+        holder = self.holder
+        if holder is None:
             return
+        assert holder.stdin is not None and holder.stdout is not None  # stdin=PIPE, stdout=PIPE
         try:
-            self.holder.stdin.close()
-            self.holder.wait(timeout=5)
+            holder.stdin.close()
+            holder.wait(timeout=5)
         except (OSError, subprocess.TimeoutExpired):
-            self.holder.kill()
-            self.holder.wait(timeout=5)
-        self.holder.stdout.close()
+            holder.kill()
+            holder.wait(timeout=5)
+        holder.stdout.close()
         self.holder = None
 
 
@@ -100,6 +103,7 @@ def setup_network(namespace: NetworkNamespace, isolate: bool | None, say: Callab
         return
     problem = namespace.start()
     if problem is None:
+        assert namespace.holder is not None  # started
         say(
             f"network: isolated (loopback only, private network namespace; helper pid "
             f"{namespace.holder.pid}); tasks that need the network: --network host"

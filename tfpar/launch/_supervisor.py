@@ -272,6 +272,7 @@ class Launcher:
         if outcome == "timeout":
             self.say(f"timed out after {self.timeout:g} s; stopped all tasks")
             return EXIT_TIMEOUT
+        assert failed is not None  # outcome == "failed"
         code = exit_code(failed.exit_code)
         self.report(failed)
         if self.restarts < self.max_restarts:
@@ -320,6 +321,7 @@ class Launcher:
             f"on {task.address} (restart {self.restarts} of {self.max_restarts}); the coordinator "
             "re-runs the closures it lost"
         )
+        assert task.process is not None  # it exited: supervise() polled it
         try:
             os.killpg(task.process.pid, signal.SIGKILL)  # leftovers of the old server, if any
         except (ProcessLookupError, PermissionError):
@@ -349,7 +351,7 @@ class Launcher:
         def handler(signum, frame):
             raise Terminated(signum)
 
-        previous = {}
+        previous: dict[int, Any] = {}
         for signum in (signal.SIGTERM, signal.SIGHUP):
             current = signal.getsignal(signum)
             if current in (signal.SIG_DFL, None):  # do not override a handler the app installed

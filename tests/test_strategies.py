@@ -17,11 +17,8 @@ from tfpar import _compat, strategies
 
 
 @pytest.fixture
-def registry_snapshot():
-    saved = dict(strategies._REGISTRY)
-    yield
-    strategies._REGISTRY.clear()
-    strategies._REGISTRY.update(saved)
+def registry_snapshot(monkeypatch):
+    monkeypatch.setattr(strategies, "_REGISTRY", strategies._REGISTRY.copy())
 
 
 def test_available_strategies_has_the_documented_names():

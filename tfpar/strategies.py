@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import inspect
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -34,6 +33,7 @@ import tensorflow as tf
 from tfpar import _compat, coordinator
 from tfpar import cluster as cluster_lib
 from tfpar import devices as device_lib
+from tfpar._registry import Registry
 
 logger = logging.getLogger("tfpar")
 
@@ -71,9 +71,12 @@ class StrategySpec:
         )
 
 
-_REGISTRY: dict[str, StrategySpec] = {}
-# Aliases resolve to their target at lookup time, so they follow an override of the target.
-_ALIASES = {"multi_worker_mirrored": "multi_worker", "ps": "parameter_server"}
+# One registry helper for strategies and models: one normalization (case, spaces, '-' and '_'
+# do not matter), aliases resolved at lookup time (they follow an override of the target), and
+# one unknown-name error with the available names and the closest one.
+_REGISTRY: Registry[StrategySpec] = Registry("strategy", argument="strategy")
+_REGISTRY.alias("multi_worker_mirrored", "multi_worker")
+_REGISTRY.alias("ps", "parameter_server")
 
 
 # === Registry ===
@@ -122,11 +125,7 @@ def register_strategy(
             f"(of type {type(factory).__name__})"
         )
     key = name.strip().lower()
-    if key in _REGISTRY and not override:
-        raise ValueError(
-            f"Strategy {key!r} is already registered. Pass override=True to replace it."
-        )
-    _REGISTRY[key] = StrategySpec(key, factory, str(description), dict(preset))
+    _REGISTRY.register(key, StrategySpec(key, factory, str(description), dict(preset)), override=override)
 
 
 def unregister_strategy(name: str) -> None:
@@ -135,10 +134,8 @@ def unregister_strategy(name: str) -> None:
     Example:
     >>> tfpar.strategies.unregister_strategy("first_two_cpus")
     """
-    key = _lookup(name).name
-    if name.strip().lower() != key:
-        raise ValueError(f"{name!r} is a built-in alias of {key!r}; it cannot be removed on its own.")
-    del _REGISTRY[key]
+    _lookup(name)  # the house TypeError for a non-string
+    _REGISTRY.unregister(name)
 
 
 def available_strategies() -> list[str]:
@@ -148,7 +145,7 @@ def available_strategies() -> list[str]:
     >>> "mirrored" in tfpar.available_strategies()
     True
     """
-    return sorted([*_REGISTRY, *(a for a, target in _ALIASES.items() if target in _REGISTRY)])
+    return _REGISTRY.names()
 
 
 def describe_strategies() -> dict[str, str]:
@@ -170,16 +167,7 @@ def _lookup(name: str) -> StrategySpec:
             "Expected a strategy name (str) or a tf.distribute.Strategy. "
             f"Received: strategy={name!r} (of type {type(name).__name__}).{hint}"
         )
-    key = name.strip().lower()
-    if key in _ALIASES and _ALIASES[key] in _REGISTRY and key not in _REGISTRY:
-        key = _ALIASES[key]
-    if key not in _REGISTRY:
-        close = difflib.get_close_matches(key, available_strategies(), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(
-            f"Unknown strategy {name!r}.{hint} Available names: {', '.join(available_strategies())}."
-        )
-    return _REGISTRY[key]
+    return _REGISTRY.get(name)
 
 
 # === Lookup ===

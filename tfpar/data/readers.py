@@ -20,15 +20,16 @@ rewrite only knows reader datasets, and reading each image through a one-record
 registers how to rebuild its dataset from a subset of its files (:func:`file_source`), and
 :func:`tfpar.data.shard` / :func:`tfpar.data.distribute` use that to give each worker its own image
 files. This works on the dataset exactly as :func:`read_images` returned it: shard before mapping.
+
+The public readers live here; their private parts are in :mod:`tfpar.data._formats` (header
+sniffing), :mod:`tfpar.data._images` (image indexing, decoding errors) and
+:mod:`tfpar.data._tfrecords` (file expansion, feature inference, ``tf.train.Example`` encoding).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import struct
-import sys
-import warnings
 import weakref
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -38,29 +39,29 @@ import numpy as np
 import tensorflow as tf
 
 from tfpar._validation import check_int
-
-IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
-ON_ERROR = ("raise", "skip")
-# The first bytes of every format tf.io.decode_image reads (it goes by content, not extension).
-_IMAGE_SIGNATURES = (
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"GIF87a", "GIF"),
-    (b"GIF89a", "GIF"),
-    (b"BM", "BMP"),
-    (b"\xff\x0a", "JPEG XL"),
-    (b"\x00\x00\x00\x0cJXL \r\n\x87\n", "JPEG XL"),
+from tfpar.data._formats import (
+    COMPRESSION_TYPES,
+    IMAGE_EXTENSIONS,
+    _check_numpy_file,
+    _check_tfrecord_file,
+    _has_image,
+    _is_local,
 )
-_SIGNATURE_BYTES = 16
-COLOR_MODES = {"grayscale": 1, "rgb": 3, "rgba": 4}
-LABEL_MODES = ("int", "categorical", None)
-INTERPOLATIONS = ("bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5", "gaussian",
-                  "mitchellcubic")
-COMPRESSION_TYPES = (None, "", "ZLIB", "GZIP")
+from tfpar.data._images import (
+    COLOR_MODES,
+    INTERPOLATIONS,
+    LABEL_MODES,
+    ON_ERROR,
+    _check_image_files,
+    _check_image_size,
+    _guard_decoding,
+    _index_images,
+)
+from tfpar.data._tfrecords import _check_arrays, _example, expand_files, infer_features
+
 # Files read concurrently. Fixed (not AUTOTUNE, which follows each machine's core count) so the
 # element order is the same on every worker.
 CYCLE_LENGTH = 8
-_SHAPE_PREFIX = "_shape/"
 # Datasets returned by read_images -> how to rebuild them from a subset of their files.
 _FILE_SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -293,94 +294,6 @@ def read_tfrecords(
     if parse_fn is not None:
         return records.map(parse_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return records
-
-
-def expand_files(files: str | Sequence[str]) -> list[str]:
-    """Expands globs and paths into a sorted list of distinct existing files.
-
-    Raises:
-        TypeError: If `files` is not a string or a sequence of strings.
-        ValueError: If nothing matches.
-
-    Example:
-    >>> tfpar.data.readers.expand_files("/data/train-*.tfrecord")
-    ['/data/train-0.tfrecord', '/data/train-1.tfrecord']
-    """
-    patterns = [files] if isinstance(files, (str, os.PathLike)) else files
-    if not isinstance(patterns, Sequence) or not all(
-        isinstance(p, (str, os.PathLike)) for p in patterns
-    ):
-        raise TypeError(
-            "Expected a glob, a path, or a list of them. "
-            f"Received: files={files!r} (of type {type(files).__name__})"
-        )
-    found: set[str] = set()
-    for pattern in patterns:
-        found.update(p for p in tf.io.gfile.glob(os.fspath(pattern)) if not tf.io.gfile.isdir(p))
-    if not found:
-        raise ValueError(
-            f"No files match {files!r}. Check the path and the glob (e.g. '/data/train-*.tfrecord')."
-        )
-    return sorted(found)
-
-
-def infer_features(path: str, *, compression_type: str | None = None) -> dict[str, Any]:
-    """Builds a ``tf.io.parse_single_example`` spec from the first record of a TFRecord file.
-
-    Each feature becomes a ``FixedLenFeature`` of its length in that record (float32, int64 or
-    string); a shape written by :func:`write_tfrecords` (feature ``_shape/<name>``) is restored.
-
-    Raises:
-        ValueError: If the file is not a TFRecord file, is empty, or its first record is not a
-            ``tf.train.Example`` (the message names the file).
-
-    Example:
-    >>> tfpar.data.readers.infer_features("/data/digits-00000-of-00004.tfrecord")
-    {'x': FixedLenFeature(shape=[8, 8, 1], dtype=tf.float32, default_value=None), ...}
-    """
-    _check_tfrecord_file(path, compression_type)
-    records = tf.data.TFRecordDataset(path, compression_type=compression_type or "")
-    try:
-        first = next(iter(records.take(1)), None)
-    except tf.errors.DataLossError as error:
-        raise ValueError(
-            f"Cannot read the first record of {path!r}: {error.message}. Expected a TFRecord file "
-            "(as tfpar.data.write_tfrecords or tf.io.TFRecordWriter writes). Received: "
-            f"path={path!r}, compression_type={compression_type!r}"
-        ) from None
-    if first is None:
-        raise ValueError(
-            f"Cannot infer features from {path!r}: it is an empty TFRecord file (no records). "
-            "Expected a file with at least one tf.train.Example; pass features= or parse_fn= to "
-            f"read empty files. Received: path={path!r}"
-        )
-    example = tf.train.Example()
-    try:
-        example.ParseFromString(first.numpy())
-    except Exception as error:  # protobuf raises its own DecodeError
-        raise ValueError(
-            f"The first record of {path!r} is not a tf.train.Example, so its features cannot be "
-            "inferred. Pass features= or parse_fn= to tfpar.data.read_tfrecords."
-        ) from error
-    spec: dict[str, Any] = {}
-    found = example.features.feature
-    for name in sorted(found):
-        if name.startswith(_SHAPE_PREFIX):
-            continue
-        feature = found[name]
-        kind = feature.WhichOneof("kind")
-        if kind is None:
-            raise ValueError(f"Feature {name!r} of {path!r} has no value; cannot infer its type.")
-        values = getattr(feature, kind).value
-        dtype = {"float_list": tf.float32, "int64_list": tf.int64, "bytes_list": tf.string}[kind]
-        shape = [len(values)]
-        if _SHAPE_PREFIX + name in found:
-            shape = list(found[_SHAPE_PREFIX + name].int64_list.value)
-        spec[name] = tf.io.FixedLenFeature(shape, dtype)
-    if not spec:
-        raise ValueError(f"The first record of {path!r} has no features to infer.")
-    return spec
-
 
 def write_tfrecords(
     arrays: Mapping[str, np.ndarray],
@@ -632,336 +545,3 @@ def source_kind(
         raise ValueError(f"Nothing matches {path!r}. {expected} Received: path={path!r} (not found)")
     _check_tfrecord_file(files[0], compression_type, expected=expected)
     return "tfrecords"
-
-
-# === internals ===
-
-
-def _is_local(path: str) -> bool:
-    return "://" not in path
-
-
-def _has_image(folder: str) -> bool:
-    """Whether `folder` holds an image file at any depth (stops at the first one)."""
-    return any(_is_image(f) for _, _, files in os.walk(folder) for f in files)
-
-
-def _head(path: str, size: int) -> bytes:
-    with tf.io.gfile.GFile(path, "rb") as file:
-        return file.read(size)
-
-
-def _crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc ^= byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 & -(crc & 1))
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc32c(data: bytes) -> int:
-    """The checksum a TFRecord header stores for its 8 length bytes (TFRecord's masked CRC32C)."""
-    crc = _crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _tfrecord_problem(path: str, compression_type: str | None) -> str | None:
-    """Why `path` cannot be a TFRecord file (from its first 12 bytes), or None if it may be one."""
-    try:
-        head = _head(path, 12)
-    except (OSError, tf.errors.OpError) as error:
-        return f"cannot be opened: {getattr(error, 'message', None) or error}"
-    if compression_type == "GZIP":
-        return None if head[:2] == b"\x1f\x8b" else f"is not GZIP-compressed (it starts with {head!r})"
-    if compression_type == "ZLIB":
-        zlib_header = len(head) >= 2 and head[0] & 0x0F == 8 and (head[0] * 256 + head[1]) % 31 == 0
-        return None if zlib_header else f"is not ZLIB-compressed (it starts with {head!r})"
-    if not head:
-        return None  # an empty TFRecord file: no records
-    if head[:2] == b"\x1f\x8b":
-        return "is GZIP-compressed: pass compression_type='GZIP'"
-    image = _image_format(head)
-    if image is not None:
-        return (
-            f"is a {image} image: for images pass their folder (class sub-folders) or use "
-            "tfpar.data.read_images([...])"
-        )
-    if len(head) < 12 or _masked_crc32c(head[:8]) != struct.unpack("<I", head[8:12])[0]:
-        return f"does not start with a TFRecord record header (it starts with {head!r})"
-    return None
-
-
-def _check_tfrecord_file(path: str, compression_type: str | None, *, expected: str = "") -> None:
-    problem = _tfrecord_problem(path, compression_type)
-    if problem is not None:
-        raise ValueError(
-            f"{path!r} is not a TFRecord file: it {problem}. "
-            f"{expected or 'Expected TFRecord files, as tfpar.data.write_tfrecords or tf.io.TFRecordWriter write them.'} "
-            f"Received: path={path!r}"
-        )
-
-
-def _check_numpy_file(path: str) -> None:
-    """Raises unless `path` starts like a .npy file (``\\x93NUMPY``) or a .npz (zip) archive."""
-    with open(path, "rb") as file:
-        head = file.read(8)
-    if path.endswith(".npy"):
-        ok, kind = head.startswith(b"\x93NUMPY"), "a .npy file (it starts with b'\\x93NUMPY')"
-    else:
-        ok, kind = head[:4] in (b"PK\x03\x04", b"PK\x05\x06"), "a .npz file (a zip archive, starting with b'PK')"
-    if not ok:
-        raise ValueError(
-            f"{path!r} is not {kind}: it starts with {head!r}"
-            f"{' (it is empty)' if not head else ''}. Expected a file written by "
-            f"{'np.save' if path.endswith('.npy') else 'np.savez'}. Received: path={path!r}"
-        )
-
-
-def _check_image_size(image_size: object) -> tuple[int, int] | None:
-    if image_size is None:
-        return None
-    if (
-        not isinstance(image_size, (tuple, list))
-        or len(image_size) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in image_size)
-    ):
-        raise ValueError(
-            "Expected image_size to be (height, width) with positive ints, or None. "
-            f"Received: image_size={image_size!r}"
-        )
-    return int(image_size[0]), int(image_size[1])
-
-
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def _image_format(head: bytes) -> str | None:
-    """The image format whose signature `head` (a file's first bytes) starts with, or None."""
-    for signature, name in _IMAGE_SIGNATURES:
-        if head.startswith(signature):
-            return name
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "WebP"
-    return None
-
-
-def _image_file_problem(path: str) -> str | None:
-    """Why `path` cannot be a readable image (from its first bytes), or None if it may be one."""
-    try:
-        with open(path, "rb") as file:
-            head = file.read(_SIGNATURE_BYTES)
-    except OSError as error:
-        return f"cannot be opened: {error.strerror or error}"
-    if not head:
-        return "is empty (0 bytes)"
-    if _image_format(head) is None:
-        return f"is not a JPEG, PNG, GIF, BMP, WebP or JPEG XL image (it starts with {head!r})"
-    return None
-
-
-def _check_image_files(
-    paths: list[str], labels: list[int], on_error: str
-) -> tuple[list[str], list[int]]:
-    """Checks every file's signature; raises naming bad files, or drops them with a warning."""
-    bad = [(p, problem) for p in paths if (problem := _image_file_problem(p)) is not None]
-    if not bad:
-        return paths, labels
-    listed = "; ".join(f"{p!r} {problem}" for p, problem in bad[:5])
-    more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
-    if on_error == "raise":
-        raise ValueError(
-            f"{len(bad)} of {len(paths)} files are not readable images: {listed}{more}. "
-            "Fix: remove or replace them, or pass on_error='skip' to leave such files out."
-        )
-    dropped = {p for p, _ in bad}
-    kept = [(p, label) for p, label in zip(paths, labels) if p not in dropped]
-    if not kept:
-        raise ValueError(
-            f"None of the {len(paths)} files is a readable image: {listed}{more}. Expected JPEG, "
-            "PNG, GIF, BMP, WebP or JPEG XL files."
-        )
-    message = (
-        f"tfpar.data.read_images: skipped {len(bad)} of {len(paths)} files that are not "
-        f"readable images (on_error='skip'): {listed}{more}"
-    )
-    warnings.warn(message, stacklevel=3)
-    return [p for p, _ in kept], [label for _, label in kept]
-
-
-def _guard_decoding(dataset: tf.data.Dataset, files: Sequence[str], on_error: str) -> tf.data.Dataset:
-    """Names (``"raise"``) or counts (``"skip"``) the files of `dataset` that fail to decode.
-
-    `dataset` yields ``(index, element)``, ``index`` being the file's position in `files`.
-    ``ignore_errors`` drops the elements whose reading or decoding failed; ``enumerate`` then
-    counts the elements that remain, so at the first dropped file the count falls behind the
-    index, and the file at position ``count`` is the one that failed. An end marker (index
-    ``len(files)``) after the last element catches failures of the last files and carries the
-    number skipped. Returns a dataset of the elements alone.
-    """
-    count = len(files)
-    names = tf.constant(list(files) or [""])
-    filler = tf.nest.map_structure(
-        lambda spec: tf.zeros([1 if d is None else d for d in spec.shape], spec.dtype),
-        dataset.element_spec[1],
-    )
-    end = tf.data.Dataset.from_tensors((tf.constant(count, tf.int64), filler))
-    dataset = dataset.ignore_errors().concatenate(end).enumerate()
-    if on_error == "raise":
-
-        def check(position, indexed):
-            index, element = indexed
-
-            def fail():
-                failed = tf.gather(names, tf.minimum(position, max(count - 1, 0)))
-                # A file that cannot be read (deleted, no permission) fails here with
-                # TensorFlow's own error (NotFoundError, ...), which names it. The Assert takes
-                # the read as data: a control dependency would not order it after the read.
-                readable = tf.strings.length(tf.io.read_file(failed)) >= 0
-                verdict = tf.debugging.Assert(
-                    tf.logical_and(readable, tf.equal(position, index)),
-                    [
-                        "tfpar.data.read_images: cannot decode the image file",
-                        failed,
-                        # (no quotes: TensorFlow escapes them in the error message)
-                        "(truncated or damaged; tf.io.decode_image(tf.io.read_file(path)) gives "
-                        "the reason from TensorFlow). Fix: remove or replace it, or skip such "
-                        "files with on_error=skip.",
-                    ],
-                    summarize=1,
-                )
-                with tf.control_dependencies([verdict]):
-                    return tf.constant(False)
-
-            decoded = tf.cond(tf.equal(position, index), lambda: tf.constant(True), fail)
-            with tf.control_dependencies([decoded]):
-                return tf.nest.map_structure(tf.identity, element)
-
-        # One sequential map (cheaper than a parallel one for a few small ops). take() stops
-        # before the end marker, which is only reached when a file was dropped, and then fails
-        # the check; so the cardinality stays exactly len(files).
-        dataset = dataset.map(check).take(count)
-        return dataset.apply(tf.data.experimental.assert_cardinality(count))
-
-    def report(position, indexed):
-        index, element = indexed
-        skipped = index - position
-
-        def warn():
-            printed = tf.print(
-                "tfpar.data.read_images: skipped", skipped, "of", count,
-                "image files that could not be read or decoded in this pass (on_error='skip')",
-                output_stream=sys.stderr,
-            )
-            with tf.control_dependencies([printed]):
-                return tf.constant(True)
-
-        done = tf.cond(tf.logical_and(tf.equal(index, count), skipped > 0), warn, lambda: tf.constant(True))
-        with tf.control_dependencies([done]):
-            return tf.identity(index), element
-
-    dataset = dataset.map(report).filter(lambda index, element: index < count)
-    return dataset.map(lambda index, element: element)
-
-
-def _index_images(
-    source: str | Sequence[str], class_names: Sequence[str] | None
-) -> tuple[list[str], list[int], list[str]]:
-    if class_names is not None and (
-        isinstance(class_names, str) or not all(isinstance(c, str) for c in class_names)
-    ):
-        raise TypeError(f"Expected class_names to be a list of strings. Received: {class_names!r}")
-    if isinstance(source, (str, os.PathLike)):
-        root = os.fspath(source)
-        if not os.path.isdir(root):
-            raise ValueError(f"Expected an existing directory. Received: source={root!r}")
-        folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        if class_names is not None and set(class_names) != set(folders):
-            raise ValueError(
-                f"Expected class_names to match the sub-folders of {root!r}: {folders}. "
-                f"Received: class_names={list(class_names)}"
-            )
-        names = list(class_names) if class_names is not None else folders
-        paths: list[str] = []
-        labels: list[int] = []
-        for label, name in enumerate(names):
-            found: list[str] = []
-            for folder, _, files in os.walk(os.path.join(root, name)):
-                found.extend(os.path.join(folder, f) for f in files if _is_image(f))
-            paths.extend(sorted(found))
-            labels.extend([label] * len(found))
-        where = f"the class sub-folders of {root!r}"
-    elif isinstance(source, Sequence) and all(isinstance(p, (str, os.PathLike)) for p in source):
-        paths = sorted(os.fspath(p) for p in source)
-        missing = [p for p in paths if not os.path.isfile(p)]
-        if missing:
-            raise ValueError(f"Expected existing image files. Received missing files: {missing[:5]}")
-        parents = [os.path.basename(os.path.dirname(p)) for p in paths]
-        names = list(class_names) if class_names is not None else sorted(set(parents))
-        unknown = sorted(set(parents) - set(names))
-        if unknown:
-            raise ValueError(
-                f"Every file's parent folder must be one of class_names={names}. Received files "
-                f"in unknown classes: {unknown}. Pass the full class_names list."
-            )
-        not_images = [p for p in paths if not _is_image(p)]
-        if not_images:
-            raise ValueError(
-                f"Expected image files ({', '.join(IMAGE_EXTENSIONS)}). Received: {not_images[:5]}"
-            )
-        labels = [names.index(p) for p in parents]
-        where = "the given list"
-    else:
-        raise TypeError(
-            "Expected a directory path or a list of image file paths. "
-            f"Received: source={source!r} (of type {type(source).__name__})"
-        )
-    if not paths:
-        raise ValueError(
-            f"Found no images ({', '.join(IMAGE_EXTENSIONS)}) in {where}. Expected "
-            "root/<class name>/<image files>, the keras image_dataset_from_directory layout."
-        )
-    return paths, labels, names
-
-
-def _check_arrays(arrays: object) -> dict[str, np.ndarray]:
-    if not isinstance(arrays, Mapping) or not arrays:
-        raise TypeError(
-            "Expected a non-empty mapping of feature name -> array, e.g. {'x': x, 'y': y}. "
-            f"Received: arrays={type(arrays).__name__}"
-        )
-    columns = {str(k): np.asarray(v) for k, v in arrays.items()}
-    bad = [k for k in columns if k.startswith(_SHAPE_PREFIX)]
-    if bad:
-        raise ValueError(f"Feature names may not start with {_SHAPE_PREFIX!r}. Received: {bad}")
-    lengths = {k: (len(v) if v.ndim else 0) for k, v in columns.items()}
-    if len(set(lengths.values())) != 1 or 0 in lengths.values():
-        raise ValueError(f"Expected non-empty arrays of one length. Received lengths: {lengths}")
-    for key, column in columns.items():
-        if column.dtype.kind not in "fiubSUO":
-            raise TypeError(
-                f"Expected numeric, bool or string arrays. Received: {key} of dtype {column.dtype}"
-            )
-    return columns
-
-
-def _example(columns: dict[str, np.ndarray], row: int) -> bytes:
-    feature = {}
-    for key, column in columns.items():
-        value = column[row]
-        flat = np.asarray(value).reshape(-1)
-        kind = column.dtype.kind
-        if kind == "f":
-            feature[key] = tf.train.Feature(float_list=tf.train.FloatList(value=flat))
-        elif kind in "iub":
-            feature[key] = tf.train.Feature(int64_list=tf.train.Int64List(value=flat.astype(np.int64)))
-        else:
-            data = [v if isinstance(v, bytes) else str(v).encode() for v in flat]
-            feature[key] = tf.train.Feature(bytes_list=tf.train.BytesList(value=data))
-        shape = np.shape(value)
-        if len(shape) != 1:
-            feature[_SHAPE_PREFIX + key] = tf.train.Feature(
-                int64_list=tf.train.Int64List(value=list(shape))
-            )
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()

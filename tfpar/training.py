@@ -74,6 +74,56 @@ def per_replica_batch_size(global_batch_size: int, strategy: tf.distribute.Strat
     return size // replicas
 
 
+def compute_average_loss(per_example_loss: Any, sample_weight: Any = None) -> tf.Tensor:
+    """The exact mean loss of a step, for custom training loops, also on a partial last batch.
+
+    Use it in the replica function of ``strategy.run`` where TensorFlow's tutorials call
+    ``tf.nn.compute_average_loss(per_example_loss, global_batch_size=GLOBAL_BATCH_SIZE)``. That
+    divides by the *full* global batch, so a final batch of 3 examples gets a loss (and gradients)
+    3/32 as large as it should; without ``global_batch_size`` it assumes every replica holds as
+    many examples as this one. This helper divides the sum of this replica's (weighted) losses by
+    the number of examples the step actually has on all replicas (one scalar all-reduce), so the
+    summed gradients are exactly those of the mean loss over the global batch, as on one device.
+
+    Args:
+        per_example_loss: This replica's per-example losses, shape ``(local_batch, ...)`` (a Keras
+            loss with ``reduction=None``); further dimensions are summed per example.
+        sample_weight: Optional weights, broadcastable to `per_example_loss`. As in
+            ``tf.nn.compute_average_loss``, the weighted sum is divided by the number of examples,
+            not by the sum of the weights.
+
+    Returns:
+        A scalar: ``sum(weighted losses of this replica) / examples in the step on all replicas``
+        (0 for a step without examples). Summed over replicas, it is the global mean loss.
+
+    Example:
+    >>> loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+    >>> def train_step(images, labels):       # called through strategy.run
+    ...     with tf.GradientTape() as tape:
+    ...         loss = tfpar.training.compute_average_loss(loss_fn(labels, model(images, training=True)))
+    ...     grads = tape.gradient(loss, model.trainable_variables)
+    ...     optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    ...     return loss
+    """
+    losses = tf.convert_to_tensor(per_example_loss)
+    if losses.shape.rank == 0:
+        raise ValueError(
+            "Expected per-example losses of shape (batch, ...), as a Keras loss returns with "
+            "reduction=None. Received: a scalar per_example_loss (already reduced)."
+        )
+    if sample_weight is not None:
+        losses = losses * tf.cast(sample_weight, losses.dtype)
+    local_count = tf.cast(tf.shape(losses)[0], losses.dtype)
+    context = tf.distribute.get_replica_context()
+    if context is None:
+        raise RuntimeError(
+            "tfpar.training.compute_average_loss is called in cross-replica context; expected a "
+            "replica context: call it inside the function given to strategy.run."
+        )
+    global_count = context.all_reduce(tf.distribute.ReduceOp.SUM, local_count)
+    return tf.math.divide_no_nan(tf.reduce_sum(losses), global_count)
+
+
 def scale_learning_rate(
     base_learning_rate: float,
     *,

@@ -26,6 +26,7 @@ from tfpar._compat import (
     collective_keys,
     empty_batches,
     exact_gradients,
+    optimizer_build,
     replica_build,
     resume,
     shared_shuffle,
@@ -46,6 +47,7 @@ MANAGED = (
     chief_files.INTERCEPTION,
     empty_batches.INTERCEPTION,
     collective_keys.INTERCEPTION,
+    optimizer_build.INTERCEPTION,
 )
 
 bump_collective_key_base = collective_keys.bump_collective_key_base

@@ -28,7 +28,7 @@ parser.add_argument("--spe", type=int, default=1)
 parser.add_argument("--epochs", type=int, default=2)
 parser.add_argument("--upstream", action="store_true", help="a plain MultiWorkerMirroredStrategy, no tfpar")
 parser.add_argument("--no-seed", action="store_true", help="do not call keras.utils.set_random_seed")
-parser.add_argument("--tfdata", choices=["seeded", "unseeded"], help="fit a shuffled tf.data.Dataset instead of arrays")
+parser.add_argument("--tfdata", choices=["seeded", "unseeded", "nondeterministic"], help="fit a shuffled tf.data.Dataset instead of arrays")
 args = parser.parse_args()
 
 
@@ -66,7 +66,9 @@ with strategy.scope():
         steps_per_execution=args.spe,
     )
 if args.tfdata:
-    data = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(args.n, seed=3 if args.tfdata == "seeded" else None)
+    data = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(args.n, seed=None if args.tfdata == "unseeded" else 3)
+    if args.tfdata == "nondeterministic":
+        data = data.map(lambda a, b: (a, b), num_parallel_calls=2, deterministic=False)
     history = model.fit(data.batch(32), epochs=args.epochs, verbose=0, validation_data=(x, y))
 else:
     history = model.fit(x, y, batch_size=32, epochs=args.epochs, shuffle=args.shuffle, verbose=0, validation_data=(x, y))

@@ -7,13 +7,15 @@ is a stateless shuffle seeded by ``(seed, e)``: the seed is the same on every wo
 (:func:`shuffle_seed`) and saved with backups, so a resumed run redoes an epoch with its own
 permutation, as PyTorch's DistributedSampler does. ``fit`` keeps that per-fit state (the epoch
 clock) in the fit context. A ``tf.data.Dataset`` given to fit gets its auto-shard policy set
-explicitly (``tfpar.data.set_auto_shard_policy``): OFF on one worker, FILE or DATA otherwise, and a
-clear refusal where DATA sharding would meet a randomly ordered dataset.
+explicitly (``tfpar.data.set_auto_shard_policy``): OFF on one worker, FILE or DATA otherwise. Under
+DATA sharding, shuffles without a seed get the fit's agreed seed (:func:`_agree_unseeded_shuffles`);
+what cannot be ordered the same way on every worker is refused, with the fix.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import zlib
 from typing import Any
@@ -22,7 +24,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfpar import cluster as cluster_lib
 from tfpar._compat import _context, _patching, empty_batches, internals
+
+logger = logging.getLogger(__name__)
 
 _TRAINER = "keras.src.backend.tensorflow.trainer"
 FIT = f"{_TRAINER}:TensorFlowTrainer.fit"
@@ -113,10 +118,47 @@ def _epoch_iterator_init(self: Any, distribute_strategy: Any = None, *args: Any,
         workers = distribute_strategy.num_replicas_in_sync // max(
             1, len(distribute_strategy.extended.worker_devices)
         )
+        if workers > 1:
+            dataset = _agree_unseeded_shuffles(dataset, distribute_strategy)
         dataset = set_auto_shard_policy(dataset, workers)
         dataset = distribute_strategy.experimental_distribute_dataset(dataset)
     self._distributed_dataset = dataset
     return None
+
+
+def _agree_unseeded_shuffles(dataset: tf.data.Dataset, strategy: Any) -> tf.data.Dataset:
+    """Seeds a multi-worker dataset's unseeded shuffles with one seed agreed by all workers.
+
+    TensorFlow's AUTO policy shards such a dataset by DATA (every worker keeps every n-th
+    element), which needs the same order on every worker; an unseeded shuffle draws a different
+    one per worker, so examples are trained on twice or never (tensorflow/tensorflow#56513). The
+    fit's shuffle seed is agreed through the cluster (:func:`shuffle_seed`), and the rewritten
+    shuffles still reshuffle every epoch, the same way on every worker.
+    """
+    from tfpar.data import _dataset_graph
+
+    if dataset.options().experimental_distribute.auto_shard_policy != tf.data.experimental.AutoShardPolicy.AUTO:
+        return dataset  # the user chose a policy; set_auto_shard_policy keeps it
+    problems, _ = _dataset_graph.find_nondeterminism(dataset)
+    if not any(problem.endswith("has no seed") for problem in problems):
+        return dataset
+    state = _context.shuffle_state()
+    with tf.init_scope():
+        seed = int(state.seed.numpy()) if state is not None else shuffle_seed(strategy)
+    seeded, count = _dataset_graph.seed_unseeded(dataset, seed)
+    if count and not _AGREED_LOGGED and cluster_lib.is_chief(strategy.cluster_resolver):
+        _AGREED_LOGGED.append(True)
+        workers = strategy.num_replicas_in_sync // max(1, len(strategy.extended.worker_devices))
+        logger.warning(
+            "tfpar: the input has %d shuffle(s) without a seed; all %d workers now shuffle with "
+            "seed %d (a new order every epoch, the same on every worker), so that each example "
+            "is trained on once per epoch. Pass shuffle(..., seed=) to choose the seed.",
+            count, workers, seed,
+        )
+    return seeded
+
+
+_AGREED_LOGGED: list[bool] = []
 
 
 def _array_dataset(self: Any) -> tf.data.Dataset:

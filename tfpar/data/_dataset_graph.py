@@ -507,3 +507,64 @@ def reshuffles(dataset: tf.data.Dataset) -> bool:
                 return True
     return False
 
+
+
+# Ops with a seed generator resource as their last input, and the older op that takes the same
+# inputs without it. The older ops keep their reshuffle-every-iteration generator inside the
+# dataset, seeded by (seed, seed2) alone, so equal seeds give equal orders in every process.
+_WITHOUT_SEED_GENERATOR = {
+    "ShuffleDatasetV3": "ShuffleDataset",
+    "ShuffleAndRepeatDatasetV2": "ShuffleAndRepeatDataset",
+    "RandomDatasetV2": "RandomDataset",
+}
+
+
+def seed_unseeded(dataset: tf.data.Dataset, seed: int) -> tuple[tf.data.Dataset, int]:
+    """Gives every unseeded shuffle / random op at the top level of the pipeline a fixed seed.
+
+    The order then depends on `seed` only: the same in every process that passes the same seed,
+    and still different in every iteration (epoch) where the op reshuffles. Ops inside dataset
+    functions (interleave, flat_map) are left as they are.
+
+    Args:
+        dataset: The dataset.
+        seed: The seed; op ``k`` (in graph order) gets the pair ``(seed, k + 1)``.
+
+    Returns:
+        ``(dataset, count)``: a rebuilt dataset and how many ops got a seed, or the dataset itself
+        and 0 when none needed one (or its graph cannot be serialized).
+
+    Example:
+    >>> seeded, count = seed_unseeded(tf.data.Dataset.range(8).shuffle(8), seed=7)
+    >>> count
+    1
+    """
+    graph = graph_of(dataset)
+    if graph is None:
+        return dataset, 0
+    rewritten = tf.compat.v1.GraphDef()
+    rewritten.CopyFrom(graph.graph_def)
+    count = 0
+    for node in list(rewritten.node):
+        if node.op not in _SEEDED_OPS:
+            continue
+        positions = _SEEDED_OPS[node.op]
+        if max(positions) >= len(node.input):
+            continue
+        values = [_const_value(graph, node.input[i]) for i in positions]
+        if values != [0, 0]:
+            continue
+        count += 1
+        for position, value in zip(positions, (seed, count)):
+            name = f"tfpar_seed/{count}/{position}"
+            constant = rewritten.node.add(name=name, op="Const")
+            constant.attr["dtype"].type = tf.int64.as_datatype_enum
+            constant.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(int(value), tf.int64))
+            node.input[position] = name
+        if node.op in _WITHOUT_SEED_GENERATOR:
+            del node.input[len(node.input) - 1]
+            node.op = _WITHOUT_SEED_GENERATOR[node.op]
+    if not count:
+        return dataset, 0
+    variant = tf.raw_ops.DatasetFromGraph(graph_def=rewritten.SerializeToString())
+    return tf.data.experimental.from_variant(variant, dataset.element_spec), count

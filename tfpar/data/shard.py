@@ -192,7 +192,17 @@ def set_auto_shard_policy(dataset: tf.data.Dataset, num_workers: int) -> tf.data
     if num_workers == 1:
         return _without_auto_shard(dataset)
     # TensorFlow shards this dataset itself, so only what its FILE rewrite can do counts.
-    chosen, why = _choose(dataset, num_workers, "auto", tensorflow_rewrite=True)
+    try:
+        chosen, why = _choose(dataset, num_workers, "auto", tensorflow_rewrite=True)
+    except ValueError as error:
+        raise ValueError(
+            f"{error} This dataset's auto-shard policy was left at AUTO, so TensorFlow would "
+            f"shard it for {num_workers} workers by DATA, which needs that order. Alternatives: "
+            "shard it yourself (tfpar.data.shard) or, if every worker should train on its whole "
+            "input, set options = tf.data.Options(); options.experimental_distribute."
+            "auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF; dataset = "
+            "dataset.with_options(options)."
+        ) from None
     logger.info("tfpar.data.shard: auto-shard policy %s for %d workers (%s)", chosen.upper(),
                 num_workers, why)
     options = tf.data.Options()

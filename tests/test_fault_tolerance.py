@@ -45,16 +45,39 @@ def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
     code, log = _launch(out)
     assert code == 0, log[-4000:]
+    (out / "log.txt").write_text(log)
     return out
 
 
 def test_only_the_chief_writes_checkpoints_logs_and_saved_models(reference):
     names = sorted(p.name for p in reference.iterdir())
-    assert names == ["ckpt", "final.keras", "tb", "worker0.json", "worker1.json"]  # backup/ removed at the end
+    assert names == ["ckpt", "final.keras", "log.txt", "tb", "worker0.json", "worker1.json"]  # backup/ removed at the end
     assert sorted(p.name for p in (reference / "ckpt").iterdir()) == [f"e{i}.weights.h5" for i in range(1, 5)]
     assert len(list((reference / "tb").rglob("events.out.tfevents.*"))) == 1  # one writer: the chief's
     assert not list(reference.rglob("workertemp_*"))
     assert _diff(_result(reference, "worker0"), _result(reference, "worker1")) == 0.0
+
+
+def test_reference_run_is_clean_and_every_worker_loads_the_saved_model(reference):
+    """The tutorial's save-then-load: when model.save returns on a worker, the chief's file is there."""
+    assert "Traceback" not in (reference / "log.txt").read_text()
+    assert _result(reference, "worker0")["loaded_equals_trained"]
+    assert _result(reference, "worker1")["loaded_equals_trained"]
+
+
+def test_end_of_fit_waits_for_a_slow_worker_before_removing_the_backup(tmp_path):
+    """Worker 1 removes its temporary files 2 s late and exits late. Upstream-style, the chief
+    would remove the backup directory under it (FileNotFoundError: 'workertemp_1'), and worker 1's
+    PeerTerminationWatcher thread would print 'Socket closed' once the chief exited."""
+    out = tmp_path / "slow"
+    code, log = _launch(out, "--slow-worker", "2", "--epochs", "2")
+    assert code == 0, log[-4000:]
+    assert "Traceback" not in log and "PeerTerminationWatcher" not in log, log[-4000:]
+    present = _result(out, "worker1")["backup_present_during_cleanup"]
+    # The 4 cleanups inside fit (BackupAndRestore and ModelCheckpoint saves, 2 epochs) found the
+    # backup there; TensorBoard's (after BackupAndRestore's end of fit) and final.keras's did not.
+    assert present == [True] * 4 + [False] * 2, present
+    assert not (out / "backup").exists() and not list(out.rglob("workertemp_*"))
 
 
 def test_reference_trains_each_example_once_per_epoch(reference):

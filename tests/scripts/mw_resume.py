@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import signal
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -25,6 +26,8 @@ parser.add_argument("--mode", choices=["none", "kill", "sigterm"], default="none
 parser.add_argument("--save-freq", default="epoch")
 parser.add_argument("--at", type=int, nargs=2, default=(2, 1), metavar=("EPOCH", "STEP"))
 parser.add_argument("--epochs", type=int, default=4)
+parser.add_argument("--slow-worker", type=float, default=0.0,
+                    help="worker 1 removes its temporary files this many seconds late, and exits late")
 args = parser.parse_args()
 N = 101
 save_freq = args.save_freq if args.save_freq == "epoch" else int(args.save_freq)
@@ -53,6 +56,19 @@ class Interrupt(keras.callbacks.Callback):
             os.kill(os.getpid(), signal.SIGKILL if args.mode == "kill" else signal.SIGTERM)
 
 
+backup_present_during_cleanup = []
+if args.slow_worker and tfpar.cluster.task_index() == 1:
+    # A slow worker 1: its cleanup inside the backup directory comes seconds after the chief's
+    # last save (upstream, the chief removes the directory meanwhile).
+    _cleanup = tfpar.cluster.cleanup_write_path
+
+    def slow_cleanup(path, **kwargs):
+        time.sleep(args.slow_worker)
+        backup_present_during_cleanup.append(os.path.isdir(os.path.join(args.out, "backup")))
+        return _cleanup(path, **kwargs)
+
+    tfpar.cluster.cleanup_write_path = slow_cleanup
+
 keras.utils.set_random_seed(7)
 strategy = tfpar.get_strategy("multi_worker")
 rng = np.random.default_rng(0)
@@ -69,6 +85,8 @@ callbacks = [
 ]
 model.fit(x, y, batch_size=32, epochs=args.epochs, shuffle=True, verbose=0, callbacks=callbacks)
 model.save(os.path.join(args.out, "final.keras"))
+# The TensorFlow tutorial's next step: every worker loads what the chief saved, at once.
+loaded = keras.models.load_model(os.path.join(args.out, "final.keras"), custom_objects={"CountSeen": CountSeen})
 task = f"{tfpar.cluster.task_type()}{tfpar.cluster.task_index()}"
 with open(os.path.join(args.out, f"{task}.json"), "w") as handle:
     json.dump(
@@ -77,6 +95,12 @@ with open(os.path.join(args.out, f"{task}.json"), "w") as handle:
             "seen": model.layers[0].seen.numpy().tolist(),
             "iterations": int(model.optimizer.iterations.numpy()),
             "attempt": int(os.environ.get("TFPAR_LAUNCH_RESTART", "0")),
+            "loaded_equals_trained": all(
+                np.array_equal(a, b) for a, b in zip(loaded.get_weights()[1:], model.get_weights()[1:])
+            ),
+            "backup_present_during_cleanup": backup_present_during_cleanup,
         },
         handle,
     )
+if args.slow_worker and tfpar.cluster.task_index() == 1:
+    time.sleep(args.slow_worker)  # the chief exits first: no watcher thread may complain

@@ -46,6 +46,14 @@ def non_chief_worker(model: Any) -> bool:
     return not cluster_lib.is_chief(strategy.cluster_resolver)
 
 
+def multi_worker_chief(model: Any) -> bool:
+    """Whether `model` trains on the chief of a managed multi-worker strategy."""
+    strategy = getattr(model, "_distribute_strategy", None)
+    if strategy is None or not is_managed(strategy) or not internals.in_multi_worker_mode(strategy):
+        return False
+    return bool(cluster_lib.is_chief(strategy.cluster_resolver))
+
+
 def managed_model(callback: Any) -> bool:
     """Whether `callback` is attached to a model of a managed strategy."""
     model = getattr(callback, "model", None)

@@ -5,7 +5,9 @@ had it), so every worker writes the same files. Every worker must still take par
 (reading some variables all-reduces), so on non-chief workers ``Model.save`` / ``save_weights``
 write to a temporary sibling that is removed (``tfpar.cluster.write_path``, the multi-worker
 tutorial's pattern), TensorBoard logs to one, and ModelCheckpoint creates its directory
-idempotently (upstream checks, then creates: "FileExistsError" when two workers race).
+idempotently (upstream checks, then creates: "FileExistsError" when two workers race). A save
+returns on a non-chief worker only once the chief's file is complete (``_sync``), so the
+tutorial's "save, then load on every worker" never finds the file missing.
 BackupAndRestore's chief-only metadata and cleanup are part of exact-resume.
 """
 
@@ -18,7 +20,7 @@ from typing import Any
 import tensorflow as tf
 
 from tfpar import cluster as cluster_lib
-from tfpar._compat import _context, _patching
+from tfpar._compat import _context, _patching, _sync
 
 SAVE = "keras:Model.save"
 SAVE_WEIGHTS = "keras:Model.save_weights"
@@ -30,14 +32,21 @@ TENSORBOARD_TRAIN_END = "keras:callbacks.TensorBoard.on_train_end"
 def _chief_only_save(target: str) -> Callable[..., Any]:
     def save(self: Any, filepath: Any, *args: Any, **kwargs: Any) -> Any:
         upstream = INTERCEPTION.original(target)
+        if _context.multi_worker_chief(self):
+            result = upstream(self, filepath, *args, **kwargs)
+            _sync.announce("save")  # the file is complete: the other workers may return
+            return result
         if not _context.non_chief_worker(self):
             return upstream(self, filepath, *args, **kwargs)
         resolver = self._distribute_strategy.cluster_resolver
         written = cluster_lib.write_path(str(filepath), cluster=resolver)
         try:
-            return upstream(self, written, *args, **kwargs)
+            result = upstream(self, written, *args, **kwargs)
         finally:
             cluster_lib.cleanup_write_path(str(filepath), cluster=resolver)
+        # Return only once the chief's file is complete, so a load right after it finds it.
+        _sync.await_announcement("save", f"saving {filepath}")
+        return result
 
     return save
 

@@ -186,3 +186,47 @@ def synchronous_executor() -> Iterator[None]:
 
     with context.executor_scope(executor.new_executor(enable_async=False)):
         yield
+
+
+# === Coordination service (MultiWorkerMirroredStrategy starts it on every task) ===
+
+
+def wait_at_barrier(barrier_id: str, timeout_seconds: float) -> None:
+    """Blocks until every task of the cluster reached `barrier_id` (raises on timeout)."""
+    from tensorflow.python.eager import context
+
+    context.context().wait_at_barrier(barrier_id, int(timeout_seconds * 1000))
+
+
+def set_key(key: str, value: str) -> None:
+    """Sets `key` in the cluster's key-value store."""
+    from tensorflow.python.eager import context
+
+    context.context().set_config_key_value(key, value)
+
+
+def get_key(key: str, timeout_seconds: float) -> str:
+    """Waits (at most `timeout_seconds`) for `key` in the cluster's key-value store."""
+    from tensorflow.python.eager import context
+
+    return str(context.context().get_config_key_value(key, int(timeout_seconds * 1000)))
+
+
+def delete_key(key: str) -> None:
+    """Deletes `key` from the cluster's key-value store."""
+    from tensorflow.python.eager import context
+
+    context.context().delete_config_key_value(key)
+
+
+def stop_preemption_watcher(handler: Any) -> None:
+    """Ends a PreemptionCheckpointHandler's PeerTerminationWatcher thread, as its ``__del__`` does."""
+    handler._stop_cluster_wise_termination_watcher_thread()
+    handler._stop_poll_termination_signal_thread()
+
+
+def preemption_keys() -> tuple[str, ...]:
+    """The key-value store keys a PreemptionCheckpointHandler's watcher waits on."""
+    from tensorflow.python.distribute.failure_handling import failure_handling
+
+    return (failure_handling._INITIAL_RUN_COUNT_KEY, failure_handling._FINAL_RUN_COUNT_KEY)

@@ -23,7 +23,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from tfpar._compat import _context, _patching, internals
+from tfpar._compat import _context, _patching, _sync, internals
 
 PREEMPTED_EXIT_CODE = 42  # what a preempted worker exits with after the agreed save
 
@@ -126,14 +126,32 @@ def _backup_save_model(self: Any) -> None:
 
 
 def _backup_on_train_end(self: Any, logs: Any = None) -> None:
-    if getattr(self, "_tfpar_preemption", None) is not None:
-        # The handler took over SIGTERM for this fit; give it back (its peer-watcher thread is a
-        # daemon blocked on the coordination service and ends with the process).
+    handler = getattr(self, "_tfpar_preemption", None)
+    if handler is not None:
+        # The handler took over SIGTERM for this fit: give it back, and end its peer-watcher
+        # thread now (left alone it stays blocked on the coordination service and prints
+        # "Exception in thread PeerTerminationWatcher ... Socket closed" when the chief exits).
         signal.signal(signal.SIGTERM, self._tfpar_previous_sigterm)
         self._tfpar_preemption = None
-    if _context.managed_model(self) and _context.non_chief_worker(self.model):
-        return  # only the chief removes the backup directory
-    INTERCEPTION.original(TRAIN_END)(self, logs)
+        internals.stop_preemption_watcher(handler)
+    if not _context.managed_model(self):
+        return INTERCEPTION.original(TRAIN_END)(self, logs)
+    multi_worker = internals.in_multi_worker_mode(self.model._distribute_strategy)
+    if multi_worker:
+        # No worker may still be writing or removing its temporary files inside the backup
+        # directory when the chief removes it ("FileNotFoundError: 'workertemp_1'").
+        _sync.barrier("BackupAndRestore end of fit")
+    if not _context.non_chief_worker(self.model):
+        if handler is not None:
+            for key in internals.preemption_keys():  # a later fit's handler starts afresh
+                try:
+                    internals.delete_key(key)
+                except tf.errors.OpError:
+                    pass
+        INTERCEPTION.original(TRAIN_END)(self, logs)  # only the chief removes the backup
+    if multi_worker:
+        _sync.barrier("BackupAndRestore backup removed")
+    return None
 
 
 def _preemption_handler(callback: Any) -> Any:

@@ -201,23 +201,33 @@ def test_cnn_with_empty_replicas_matches_single_device():
 
 
 def test_cnn_empty_batch_guard_is_only_traced_in_when_needed():
-    """96 examples split evenly: no guard (it costs speed on CPU); a dataset with a partial
-    last batch of unknown size: guard, and a warning that says how to avoid it."""
+    """The guard costs speed on CPU: no guard and no warning where every replica batch is full
+    (96 examples split evenly, as arrays or a dataset; a dataset that repeats forever); a guard
+    and a warning that says how to avoid it where the last batch can leave a replica empty (98
+    examples: a last batch of 2 on 4 replicas) or tfpar cannot tell (a filter)."""
     import warnings
 
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(96, 64, 64, 3)).astype("float32")
-    y = rng.integers(0, 4, 96)
-    with tfpar.scope("mirrored"):
-        model = _cnn()
-    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
-    assert not getattr(model, "_tfpar_empty_guard", False)
-    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model.fit(dataset, epochs=1, verbose=0)
-    assert model._tfpar_empty_guard
-    assert any("drop_remainder=True" in str(w.message) for w in caught)
+    x = rng.normal(size=(98, 64, 64, 3)).astype("float32")
+    y = rng.integers(0, 4, 98)
+
+    def guarded_after(data, **kwargs):
+        with tfpar.scope("mirrored"):
+            model = _cnn()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.fit(data, epochs=1, verbose=0, **kwargs)
+        warned = any("drop_remainder=True" in str(w.message) for w in caught)
+        guarded = bool(getattr(model, "_tfpar_empty_guard", False))
+        assert warned == guarded
+        return guarded
+
+    even = tf.data.Dataset.from_tensor_slices((x[:96], y[:96]))
+    assert not guarded_after(x[:96], y=y[:96], batch_size=32)
+    assert not guarded_after(even.batch(32))
+    assert not guarded_after(tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(32), steps_per_epoch=3)
+    assert guarded_after(tf.data.Dataset.from_tensor_slices((x, y)).batch(32))
+    assert guarded_after(even.filter(lambda image, label: label >= 0).batch(32))
 
 
 @pytest.mark.multiprocess

@@ -6,8 +6,10 @@ oneDNN CPU kernels mishandle that: Conv2D / DepthwiseConv2D return their *input*
 evenly divisible by filter depth", and MaxPool's gradient aborts the process ("Check failed:
 dtype() == expected_dtype"). On CPU-only hosts, under a multi-replica tfpar strategy, these layers
 skip their kernels on an empty batch (a tf.cond that keeps conv + bias + activation fused inside
-the taken branch). The guard costs time on CPU, so it is traced in only when the input can leave a
-replica empty; ``TensorFlowTrainer.evaluate`` / ``predict`` are wrapped to know which model's input
+the taken branch). The guard costs time on CPU, so it is traced in (with a warning) only when the
+input can leave a replica empty: arrays whose last batch splits that way, and datasets whose
+batches can (``drop_remainder=True``, an input that repeats forever and a known size whose last
+batch splits fine are safe; a pipeline tfpar cannot read is guarded); ``TensorFlowTrainer.evaluate`` / ``predict`` are wrapped to know which model's input
 that is (``fit``'s own wrapper is shared-shuffle's). No upstream issue found.
 """
 
@@ -60,9 +62,16 @@ def _empty_replicas_possible(adapter: Any, dataset: tf.data.Dataset, replicas: i
         return _ceil_split_leaves_empty(full, replicas) or _ceil_split_leaves_empty(last, replicas)
     leaves = [spec for spec in tf.nest.flatten(dataset.element_spec) if getattr(spec, "shape", None) is not None]
     batch = leaves[0].shape[0] if leaves and leaves[0].shape.rank else None
-    if batch is None:
-        return True  # the last batch's size is unknown (no drop_remainder)
-    return _ceil_split_leaves_empty(int(batch), replicas)
+    if batch is not None:
+        return _ceil_split_leaves_empty(int(batch), replicas)
+    from tfpar.data import _dataset_graph
+
+    # No static batch size (batch() without drop_remainder): read the pipeline. A batch of an
+    # input that repeats forever, or of n examples where n % b splits fine, is safe.
+    sizes = _dataset_graph.batch_sizes(dataset)
+    if sizes is None:
+        return True  # tfpar cannot tell: guard
+    return any(_ceil_split_leaves_empty(size, replicas) for size in sizes)
 
 
 def maybe_guard_empty_batches(adapter: Any, dataset: tf.data.Dataset, strategy: Any) -> None:

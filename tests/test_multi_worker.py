@@ -122,3 +122,24 @@ def test_tf_data_input_that_cannot_be_ordered_is_refused_with_the_alternatives(t
     code, log = _run_cluster(tmp_path, "101", "--tfdata", "nondeterministic", timeout=180)
     assert code != 0
     assert "deterministic=False" in log and "left at AUTO" in log and "AutoShardPolicy.OFF" in log
+
+
+def _ctl_input_epochs(out: Path, *args: str) -> tuple[list, list]:
+    buffer = io.StringIO()
+    script = str(Path(__file__).parent / "scripts" / "mw_ctl_input.py")
+    code = launch.launch([sys.executable, script, str(out), *args], workers=2, timeout=180, output=buffer)
+    assert code == 0, buffer.getvalue()[-4000:]
+    return _load(out, "worker0"), _load(out, "worker1")
+
+
+def test_custom_loop_input_with_an_unseeded_shuffle_is_partitioned_every_epoch(tmp_path):
+    """The multi_worker_with_ctl tutorial: shuffle() without a seed, then shard(pipeline id)."""
+    worker0, worker1 = _ctl_input_epochs(tmp_path)
+    for epoch in range(2):
+        assert sorted(worker0[epoch] + worker1[epoch]) == list(range(40))
+    assert worker0[0] != worker0[1]  # still a new order every epoch
+    upstream = tmp_path / "upstream"
+    upstream.mkdir()
+    worker0, worker1 = _ctl_input_epochs(upstream, "--upstream")
+    overlap = set(worker0[0]) & set(worker1[0])
+    tfpar.testing.skip_unless_reproduced(bool(overlap), "unseeded shuffle before shard overlaps between workers")

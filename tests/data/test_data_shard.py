@@ -258,14 +258,14 @@ def test_argument_errors(kwargs, error, match):
 
 def test_seed_unseeded_gives_every_worker_the_same_order_and_a_new_one_each_epoch():
     """What the shared-shuffle interception does to a multi-worker tutorial's input."""
-    from tfpar.data import _dataset_graph
+    from tfpar.data import _dataset_graph, _reseed
 
     def worker_input():  # each worker builds its own dataset object, with its own random seed
         return tf.data.Dataset.range(12).shuffle(12).repeat().batch(4)
 
     orders = []
     for _ in range(2):
-        seeded, count = _dataset_graph.seed_unseeded(worker_input(), seed=11)
+        seeded, count = _reseed.seed_unseeded(worker_input(), seed=11)
         assert count == 1 and _dataset_graph.find_nondeterminism(seeded) == ([], [])
         iterator = iter(seeded)
         orders.append([next(iterator).numpy().tolist() for _ in range(6)])
@@ -273,8 +273,8 @@ def test_seed_unseeded_gives_every_worker_the_same_order_and_a_new_one_each_epoc
     first_epoch, second_epoch = sum(orders[0][:3], []), sum(orders[0][3:], [])
     assert sorted(first_epoch) == sorted(second_epoch) == list(range(12))
     assert first_epoch != second_epoch  # still reshuffled every epoch
-    other, _ = _dataset_graph.seed_unseeded(worker_input(), seed=12)
+    other, _ = _reseed.seed_unseeded(worker_input(), seed=12)
     iterator = iter(other)
     assert [next(iterator).numpy().tolist() for _ in range(6)] != orders[0]
     seeded_by_user = tf.data.Dataset.range(12).shuffle(12, seed=3)
-    assert _dataset_graph.seed_unseeded(seeded_by_user, seed=11) == (seeded_by_user, 0)
+    assert _reseed.seed_unseeded(seeded_by_user, seed=11) == (seeded_by_user, 0)

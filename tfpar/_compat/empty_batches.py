@@ -64,11 +64,11 @@ def _empty_replicas_possible(adapter: Any, dataset: tf.data.Dataset, replicas: i
     batch = leaves[0].shape[0] if leaves and leaves[0].shape.rank else None
     if batch is not None:
         return _ceil_split_leaves_empty(int(batch), replicas)
-    from tfpar.data import _dataset_graph
+    from tfpar.data import _batch_sizes
 
     # No static batch size (batch() without drop_remainder): read the pipeline. A batch of an
     # input that repeats forever, or of n examples where n % b splits fine, is safe.
-    sizes = _dataset_graph.batch_sizes(dataset)
+    sizes = _batch_sizes.batch_sizes(dataset)
     if sizes is None:
         return True  # tfpar cannot tell: guard
     return any(_ceil_split_leaves_empty(size, replicas) for size in sizes)

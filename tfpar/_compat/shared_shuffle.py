@@ -33,6 +33,10 @@ _TRAINER = "keras.src.backend.tensorflow.trainer"
 FIT = f"{_TRAINER}:TensorFlowTrainer.fit"
 EPOCH_ITERATOR_INIT = f"{_TRAINER}:TFEpochIterator.__init__"
 ARRAY_DATASET = "keras.src.trainers.data_adapters.array_data_adapter:ArrayDataAdapter.get_tf_dataset"
+FROM_FUNCTION = (
+    "tensorflow.python.distribute.collective_all_reduce_strategy:"
+    "CollectiveAllReduceStrategy.distribute_datasets_from_function"
+)
 
 
 def shuffle_seed(strategy: Any) -> int:
@@ -135,17 +139,23 @@ def _agree_unseeded_shuffles(dataset: tf.data.Dataset, strategy: Any) -> tf.data
     fit's shuffle seed is agreed through the cluster (:func:`shuffle_seed`), and the rewritten
     shuffles still reshuffle every epoch, the same way on every worker.
     """
-    from tfpar.data import _dataset_graph
-
     if dataset.options().experimental_distribute.auto_shard_policy != tf.data.experimental.AutoShardPolicy.AUTO:
         return dataset  # the user chose a policy; set_auto_shard_policy keeps it
+    state = _context.shuffle_state()
+    return _seed_for_all_workers(
+        dataset, strategy, lambda: int(state.seed.numpy()) if state is not None else shuffle_seed(strategy)
+    )
+
+
+def _seed_for_all_workers(dataset: tf.data.Dataset, strategy: Any, agreed_seed: Any) -> tf.data.Dataset:
+    from tfpar.data import _dataset_graph, _reseed
+
     problems, _ = _dataset_graph.find_nondeterminism(dataset)
     if not any(problem.endswith("has no seed") for problem in problems):
         return dataset
-    state = _context.shuffle_state()
     with tf.init_scope():
-        seed = int(state.seed.numpy()) if state is not None else shuffle_seed(strategy)
-    seeded, count = _dataset_graph.seed_unseeded(dataset, seed)
+        seed = int(agreed_seed())
+    seeded, count = _reseed.seed_unseeded(dataset, seed)
     if count and not _AGREED_LOGGED and cluster_lib.is_chief(strategy.cluster_resolver):
         _AGREED_LOGGED.append(True)
         workers = strategy.num_replicas_in_sync // max(1, len(strategy.extended.worker_devices))
@@ -156,6 +166,27 @@ def _agree_unseeded_shuffles(dataset: tf.data.Dataset, strategy: Any) -> tf.data
             count, workers, seed,
         )
     return seeded
+
+
+def _distribute_datasets_from_function(self: Any, dataset_fn: Any, options: Any = None) -> Any:
+    """The custom-loop tutorial's input: shuffle(), then shard(input_pipeline_id), per worker.
+
+    Each worker's unseeded shuffle draws its own order, so its shard overlaps the others'. Under
+    a managed multi-worker strategy the shuffles of the datasets `dataset_fn` returns get one
+    seed, agreed once per call (every worker calls this).
+    """
+    upstream = INTERCEPTION.original(FROM_FUNCTION)
+    if not _context.is_managed(self) or not internals.in_multi_worker_mode(self):
+        return upstream(self, dataset_fn, options)
+    seed = shuffle_seed(self)
+
+    def seeded_dataset_fn(input_context: Any) -> Any:
+        dataset = dataset_fn(input_context)
+        if isinstance(dataset, tf.data.Dataset):
+            dataset = _seed_for_all_workers(dataset, self, lambda: seed)
+        return dataset
+
+    return upstream(self, seeded_dataset_fn, options)
 
 
 _AGREED_LOGGED: list[bool] = []
@@ -199,8 +230,13 @@ INTERCEPTION = _patching.declare(_patching.Interception(
     slug="shared-shuffle",
     summary="one shuffle permutation per epoch shared by all workers (each example once per epoch), "
     "reproducible on resume; explicit auto-shard policies for tf.data input",
-    targets=(FIT, EPOCH_ITERATOR_INIT, ARRAY_DATASET),
+    targets=(FIT, EPOCH_ITERATOR_INIT, ARRAY_DATASET, FROM_FUNCTION),
     upstream_issue="tensorflow/tensorflow#56513",
     test="tests/test_multi_worker.py::test_shuffled_epochs_cover_every_example_once",
-    patches={FIT: _fit, EPOCH_ITERATOR_INIT: _epoch_iterator_init, ARRAY_DATASET: _array_dataset},
+    patches={
+        FIT: _fit,
+        EPOCH_ITERATOR_INIT: _epoch_iterator_init,
+        ARRAY_DATASET: _array_dataset,
+        FROM_FUNCTION: _distribute_datasets_from_function,
+    },
 ))

@@ -36,6 +36,7 @@ on all-gather / all-reduce; the results are not differentiable.
 from __future__ import annotations
 
 from tfpar.horovod import elastic
+from tfpar.horovod._run import run as run  # horovod.run (explicit re-export; one line, outside __all__)
 from tfpar.horovod._state import (
     cross_rank,
     cross_size,

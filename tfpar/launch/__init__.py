@@ -65,7 +65,8 @@ Layout (no module imports TensorFlow at import time; only :func:`serve` loads it
 ``_api`` (:func:`launch` and its argument checks), ``_supervisor`` (starting, supervising,
 stopping and restarting the tasks), ``_guard`` (the guard and namespace-holder programs),
 ``_network`` (the private network namespace), ``_cli`` (:func:`build_parser`, :func:`main`),
-``_serve`` (:func:`serve`).
+``_horovodrun`` (horovodrun's flags: ``-np``, ``-H`` on this machine only, and the verdict on every
+other flag, shared with ``tfpar.horovod.run``), ``_serve`` (:func:`serve`).
 
 The package itself is callable: ``tfpar.launch(...)`` is :func:`launch` whether ``tfpar.launch``
 names this package (after ``import tfpar.launch``) or not, and ``tfpar.launch.main`` /

@@ -7,6 +7,7 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 
+from tfpar.launch import _horovodrun
 from tfpar.launch._api import launch
 from tfpar.launch._network import NETWORK_MODES
 
@@ -49,6 +50,11 @@ def build_parser(prog: str = "tfpar launch") -> argparse.ArgumentParser:
     """
     parser = argparse.ArgumentParser(
         prog=prog,
+        usage=(
+            "%(prog)s [-h] [--workers N] [--ps M] [--chief] [--max-restarts K] [--timeout S]\n"
+            "       [--grace-period S] [--network {auto,isolated,host}] [--isolate-network]\n"
+            "       [-np N] [-H HOST:SLOTS,...] [horovodrun flags] [--] COMMAND ..."
+        ),
         description=(
             "Run COMMAND as a local multi-process TensorFlow cluster: one process per task, "
             "each with TF_CONFIG on free 127.0.0.1 ports, output prefixed with [worker:N]. "
@@ -64,13 +70,15 @@ def build_parser(prog: str = "tfpar launch") -> argparse.ArgumentParser:
             "      BackupAndRestore after a failure\n"
             "  tfpar launch --workers 2 --network host -- python download_and_train.py\n"
             "      # tasks that need the network (by default they see only loopback)\n"
+            "  tfpar launch -np 2 python train.py     # horovodrun style: a Horovod script with\n"
+            "      `import tfpar.horovod as hvd` as 2 workers (ranks 0, 1); -- is optional\n"
             "\n"
             "Tasks die within seconds of the launcher, however it ends (even SIGKILL): each runs\n"
             "under a small guard process that stops it (SIGTERM, --grace-period, SIGKILL)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--workers", type=_int_at_least(1), default=2, metavar="N",
+    parser.add_argument("--workers", type=_int_at_least(1), default=2, metavar="N", action=_StoreGiven,
                         help="number of worker tasks (>= 1, default 2)")
     parser.add_argument("--ps", type=_int_at_least(0), default=0, metavar="M",
                         help="number of parameter-server tasks (>= 0, default 0); implies --chief")
@@ -92,8 +100,18 @@ def build_parser(prog: str = "tfpar launch") -> argparse.ArgumentParser:
     parser.add_argument("--isolate-network", action="store_true",
                         help="same as --network isolated (kept for compatibility)")
     parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
-                        help="the program every COMMAND task runs, after --")
+                        help="the program every COMMAND task runs, after -- (or, as with "
+                             "horovodrun, right after the options)")
+    _horovodrun.add_arguments(parser)
     return parser
+
+
+class _StoreGiven(argparse.Action):
+    """Stores the value and records that the option was given (``--workers`` beside ``-np``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -116,6 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args, command, network = _parse(argv)
     except SystemExit as exit_:
         return int(exit_.code) if isinstance(exit_.code, int) else 2
+    for note in args.notes:
+        print(f"tfpar launch: note: {note}", file=sys.stderr)
     try:
         return launch(
             command,
@@ -153,10 +173,48 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str], str]:
     if command is None:
         command = args.command
     elif args.command:
-        parser.error(f"unrecognized arguments before --: {' '.join(args.command)}")
+        parser.error(
+            f"unrecognized arguments before --: {' '.join(args.command)} (the command goes either "
+            "after -- or, without --, last: everything after it is its own arguments)"
+        )
     if not command:
         parser.error("expected a COMMAND after --, e.g. tfpar launch --workers 2 -- python train.py")
     if args.isolate_network and args.network not in (None, "isolated"):
         parser.error(f"--isolate-network contradicts --network {args.network}; pass one of them")
     network = "isolated" if args.isolate_network else (args.network or "auto")
+    args.notes = _horovodrun_flags(parser, args)
     return args, command, network
+
+
+def _horovodrun_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """Applies -np, -H and --hostfile to `args` (-np N: N workers); refuses what cannot be
+    honoured with one ``error:`` line (SystemExit 2); returns the notes for ignored flags."""
+    notes, errors = _horovodrun.verdicts(args)
+    if errors:
+        parser.error(errors[0])
+    hosts_given = args.hosts is not None or args.hostfile is not None
+    if args.num_proc is None:
+        if hosts_given:
+            parser.error("-H/--hostfile needs -np N (the number of processes), e.g. -np 2 -H localhost:2")
+        return notes
+    if getattr(args, "workers_given", False) and args.workers != args.num_proc:
+        parser.error(
+            f"-np {args.num_proc} contradicts --workers {args.workers}: both give the number of "
+            "worker tasks; pass one of them"
+        )
+    if args.ps or args.chief:
+        parser.error(
+            "-np N starts N worker tasks (Horovod ranks 0..N-1) and takes no --ps/--chief; for "
+            "parameter-server training or a chief task use --workers N with --ps M / --chief"
+        )
+    if args.hosts is not None and args.hostfile is not None:
+        parser.error("-H and --hostfile both list the hosts; pass one of them")
+    try:
+        if args.hosts is not None:
+            _horovodrun.check_hosts(_horovodrun.parse_hosts(args.hosts), args.num_proc, "-H")
+        elif args.hostfile is not None:
+            _horovodrun.check_hosts(_horovodrun.parse_hostfile(args.hostfile), args.num_proc, "--hostfile")
+    except ValueError as error:
+        parser.error(str(error))
+    args.workers = args.num_proc
+    return notes

@@ -22,7 +22,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from tfpar._compat import _patching, internals
+from tfpar._compat import _patching, accumulation, internals
 
 _LOSS = "keras.src.losses.loss"
 _OPTIMIZER = "keras.src.backend.tensorflow.optimizer:TFOptimizer"
@@ -42,6 +42,9 @@ class _ReplicaStep:
     # BatchNormalization): then the loss must carry its weight n_r / N *before* backprop.
     global_count: tf.Tensor | None = None
     keras_loss: bool = False  # a Keras loss went through scale_loss_for_distribution
+    # Gradient accumulation (tfpar/_compat/accumulation.py): this traced step only accumulates
+    # ("accumulate") or all-reduces the k steps' sums and applies them ("update").
+    accumulation_mode: str | None = None
     reduced_apply: bool = False  # inside an apply whose gradients tfpar already all-reduced
 
     def loss_factor(self) -> tf.Tensor:
@@ -96,7 +99,9 @@ def needs_weighted_loss(model: Any) -> bool:
     return any(getattr(layer, "synchronized", False) for layer in internals.batchnorm_layers(model))
 
 
-def exact_train_step(step_function: Callable[[Any], Any], cross_replica_forward: bool) -> Callable[[Any], Any]:
+def exact_train_step(
+    step_function: Callable[[Any], Any], cross_replica_forward: bool, accumulation_mode: str | None = None
+) -> Callable[[Any], Any]:
     """Wraps a replica's train step so that its loss and gradients are weighted exactly."""
 
     @functools.wraps(step_function)
@@ -104,7 +109,7 @@ def exact_train_step(step_function: Callable[[Any], Any], cross_replica_forward:
         key = _replica_key()
         if key is None:
             return step_function(data)
-        step = _ReplicaStep(count=_local_batch_size(data))
+        step = _ReplicaStep(count=_local_batch_size(data), accumulation_mode=accumulation_mode)
         if cross_replica_forward:
             step.global_count = tf.distribute.get_replica_context().all_reduce(
                 tf.distribute.ReduceOp.SUM, step.count
@@ -171,7 +176,17 @@ def _reduced_apply(target: str) -> Callable[..., Any]:
         step = _current_step()
         if step is None or not step.keras_loss or step.reduced_apply:
             return upstream(self, grads, trainable_variables)
-        grads = _global_mean_gradients(list(grads), step)
+        grads = list(grads)
+        if step.accumulation_mode is not None and target == APPLY and trainable_variables is not None:
+            # gradient_accumulation_steps=k: one all-reduce per k steps (tfpar/_compat/accumulation.py)
+            step.reduced_apply = True
+            try:
+                return accumulation.accumulating_apply(
+                    self, grads, list(trainable_variables), step.count, _scaled, step.accumulation_mode == "update"
+                )
+            finally:
+                step.reduced_apply = False
+        grads = _global_mean_gradients(grads, step)
         step.reduced_apply = True
         try:
             return upstream(self, grads, trainable_variables)

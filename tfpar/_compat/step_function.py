@@ -16,7 +16,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from tfpar._compat import _context, _patching, batchnorm, exact_gradients, resume
+from tfpar._compat import _context, _patching, accumulation, batchnorm, exact_gradients, resume
 
 MAKE_FUNCTION = "keras.src.backend.tensorflow.trainer:TensorFlowTrainer._make_function"
 
@@ -29,7 +29,15 @@ def _make_function(self: Any, step_function: Callable[[Any], Any]) -> Callable[[
     training = getattr(step_function, "__name__", "") == "train_step"
     if training and strategy.num_replicas_in_sync > 1:
         batchnorm.warn_unsynchronized_batchnorm(self, strategy)
-        step_function = exact_gradients.exact_train_step(step_function, exact_gradients.needs_weighted_loss(self))
+        cross_replica_forward = exact_gradients.needs_weighted_loss(self)
+        if accumulation.accumulates(self, cross_replica_forward):
+            function = accumulation.alternating_function(
+                self,
+                upstream(self, exact_gradients.exact_train_step(step_function, cross_replica_forward, "accumulate")),
+                upstream(self, exact_gradients.exact_train_step(step_function, cross_replica_forward, "update")),
+            )
+            return resume.skipping(self, function)
+        step_function = exact_gradients.exact_train_step(step_function, cross_replica_forward)
     if self.steps_per_execution == 1 or strategy.num_replicas_in_sync == 1:
         function = upstream(self, step_function)
     else:

@@ -1,5 +1,6 @@
 """Multi-worker throughput: tfpar.scope("multi_worker") Keras fit vs the no-communication limit vs
-a hand-written MultiWorkerMirroredStrategy custom training loop.
+a hand-written MultiWorkerMirroredStrategy custom training loop vs a Horovod-style script on
+``tfpar.horovod``, each with and without gradient accumulation.
 
 Each repetition starts, for every variant in turn (interleaved), N processes at the same time:
 
@@ -9,6 +10,18 @@ Each repetition starts, for every variant in turn (interleaved), N processes at 
   ``tfpar.scope("multi_worker")``.
 * ``hand``: N workers running the TF tutorial's custom loop (``strategy.run`` in a
   ``tf.function`` over a distributed dataset, Keras layers and optimizer).
+* ``hvd``: N ``tfpar.launch`` workers running a Horovod-style script (``import tfpar.horovod.keras
+  as hvd``, ``hvd.init()``): a plain Keras model (no strategy scope) compiled with
+  ``hvd.DistributedOptimizer(opt)``, ``BroadcastGlobalVariablesCallback(0)``, ``model.fit`` on the
+  rank's shard (``dataset.shard(hvd.size(), hvd.rank())``) batched by the per-worker batch.
+* ``hvd-kK``: the same with ``backward_passes_per_step=K, average_aggregated_gradients=True``
+  (K = 2, 4, 8): one all-reduce per K steps.
+* ``tfpar-kK``: ``tfpar`` with the optimizer's ``gradient_accumulation_steps=K`` (tfpar then
+  all-reduces once per K steps).
+
+A step of an accumulating variant is one micro-batch of the per-worker batch, so its examples/s
+count the same examples as the others'. Its warm-up and timed steps are rounded up to multiples
+of K, so that the timed window holds exactly timed steps / K all-reduces and updates.
 
 Every process times its own steady-state steps (after warm-up), so process start-up is excluded;
 the variant's throughput is N x per-worker batch x timed steps / the slowest worker's time. Each
@@ -17,6 +30,7 @@ read the same in-memory ``tf.data`` pipeline, batched with ``drop_remainder=True
 multi-worker tutorial does.
 
 Usage: python benchmarks/multi_worker.py [--workers 2] [--threads 1] [--repeats 5] [--quick]
+       [--variants limit,tfpar,hand,hvd,hvd-k2,hvd-k4,hvd-k8,tfpar-k2,tfpar-k4,tfpar-k8]
 """
 
 from __future__ import annotations
@@ -31,12 +45,18 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = ("limit", "tfpar", "hand")
+VARIANTS = ("limit", "tfpar", "hand", "hvd", "hvd-k2", "hvd-k4", "hvd-k8", "tfpar-k2", "tfpar-k4", "tfpar-k8")
 MODELS = {
     "cnn": "small CNN (32x32x3, 2 conv + 2 dense, 545k params: 2.2 MB of gradients per step)",
     "cnn-gap": "small CNN (32x32x3, 3 conv + global average pooling + 1 dense, 57k params: 0.23 MB of "
                "gradients per step)",
 }
+
+
+def _split(variant: str) -> tuple[str, int]:
+    """("hvd-k4" -> ("hvd", 4)): the variant's family and its accumulation steps (1 without)."""
+    family, _, steps = variant.partition("-k")
+    return family, int(steps or 1)
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -51,13 +71,21 @@ def _worker(args: argparse.Namespace) -> None:
 
     import tfpar
 
-    if args.variant == "tfpar":
-        strategy = tfpar.get_strategy("multi_worker")
-    elif args.variant == "hand":
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    family, accumulation = _split(args.variant)
+    if family == "hvd":
+        import tfpar.horovod.keras as hvd
+
+        hvd.init()  # before any TensorFlow operation, as in Horovod's examples
+        strategy = tf.distribute.get_strategy()  # no strategy scope: the optimizer all-reduces
+        workers = hvd.size()
     else:
-        strategy = tf.distribute.get_strategy()
-    workers = strategy.num_replicas_in_sync
+        if family == "tfpar":
+            strategy = tfpar.get_strategy("multi_worker")
+        elif family == "hand":
+            strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        else:
+            strategy = tf.distribute.get_strategy()
+        workers = strategy.num_replicas_in_sync
     per_worker = args.batch
     steps = args.warmup + args.steps
     rng = np.random.default_rng(0)
@@ -86,20 +114,36 @@ def _worker(args: argparse.Namespace) -> None:
     marks: list[float] = []
     cpu_marks: list[float] = []
 
-    if args.variant in ("tfpar", "limit"):
-        scope = tfpar.scope(strategy) if args.variant == "tfpar" else strategy.scope()
+    class Clock(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch + 1 in (args.warmup, steps):
+                marks.append(time.perf_counter())
+                cpu_marks.append(time.process_time())
+
+    if family in ("tfpar", "limit"):
+        scope = tfpar.scope(strategy) if family == "tfpar" else strategy.scope()
         with scope:
             model = build()
-            model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss_fn)
-
-        class Clock(keras.callbacks.Callback):
-            def on_train_batch_end(self, batch, logs=None):
-                if batch + 1 in (args.warmup, steps):
-                    marks.append(time.perf_counter())
-                    cpu_marks.append(time.process_time())
+            options = {"gradient_accumulation_steps": accumulation} if accumulation > 1 else {}
+            model.compile(optimizer=keras.optimizers.SGD(0.01, **options), loss=loss_fn)
 
         dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(per_worker * workers, drop_remainder=True)
         model.fit(dataset, epochs=1, verbose=0, callbacks=[Clock()])
+    elif family == "hvd":
+        model = build()
+        options = (
+            {"backward_passes_per_step": accumulation, "average_aggregated_gradients": True}
+            if accumulation > 1 else {}
+        )
+        model.compile(optimizer=hvd.DistributedOptimizer(keras.optimizers.SGD(0.01), **options), loss=loss_fn)
+        dataset = (
+            tf.data.Dataset.from_tensor_slices((x, y))
+            .shard(hvd.size(), hvd.rank())
+            .batch(per_worker, drop_remainder=True)
+        )
+        model.fit(
+            dataset, epochs=1, verbose=0, callbacks=[hvd.callbacks.BroadcastGlobalVariablesCallback(0), Clock()]
+        )
     else:
         with strategy.scope():
             model = build()
@@ -143,11 +187,14 @@ def _run_variant(variant: str, args: argparse.Namespace, workdir: Path) -> tuple
     for path in outputs:
         path.unlink(missing_ok=True)
 
+    accumulation = _split(variant)[1]
+    warmup, steps = (-(-n // accumulation) * accumulation for n in (args.warmup, args.steps))
+
     def child(index: int = 0) -> list[str]:
         return [
             sys.executable, __file__, "--child", "--variant", variant, "--out", str(workdir),
             "--index", str(index), "--threads", str(args.threads), "--batch", str(args.batch),
-            "--steps", str(args.steps), "--warmup", str(args.warmup), "--model", args.model,
+            "--steps", str(steps), "--warmup", str(warmup), "--model", args.model,
         ]
 
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
@@ -176,8 +223,8 @@ def _run_variant(variant: str, args: argparse.Namespace, workdir: Path) -> tuple
             raise RuntimeError(f"{variant} cluster failed ({code}):\n{log.read_text()[-3000:]}")
     results = [json.loads(path.read_text()) for path in outputs]
     slowest = max(r["seconds"] for r in results)
-    cpu_ms = 1000 * statistics.mean(r["cpu_seconds"] for r in results) / args.steps
-    return args.workers * args.batch * args.steps / slowest, cpu_ms
+    cpu_ms = 1000 * statistics.mean(r["cpu_seconds"] for r in results) / steps
+    return args.workers * args.batch * steps / slowest, cpu_ms
 
 
 def main() -> None:
@@ -194,6 +241,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--quick", action="store_true", help="2 repeats of 15 steps (smoke run)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated variants to run, in this order (default: all: {','.join(VARIANTS)})")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -202,38 +251,69 @@ def main() -> None:
     if args.child:
         _worker(args)
         return
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or not variants or len(set(variants)) != len(variants):
+        parser.error(f"--variants: each of {', '.join(VARIANTS)} at most once; received {args.variants!r}")
     if args.quick:
         args.repeats, args.steps, args.warmup = 2, 15, 5
-    rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    rates: dict[str, list[float]] = {v: [] for v in variants}
+    cpu: dict[str, list[float]] = {v: [] for v in variants}
+    load_before = os.getloadavg()
+    started_all = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
-            for variant in VARIANTS:
+            for variant in variants:
                 started = time.perf_counter()
                 rate, cpu_ms = _run_variant(variant, args, Path(tmp))
                 rates[variant].append(rate)
                 cpu[variant].append(cpu_ms)
                 print(
-                    f"repeat {repeat + 1}/{args.repeats} {variant:6s} {rate:8.1f} examples/s, "
+                    f"repeat {repeat + 1}/{args.repeats} {variant:8s} {rate:8.1f} examples/s, "
                     f"{1000 * args.workers * args.batch / rate:5.1f} ms/step, {cpu_ms:5.1f} CPU ms/step/worker "
                     f"({time.perf_counter() - started:.0f} s)",
                     file=sys.stderr,
                 )
+    load_after = os.getloadavg()
     median = {v: statistics.median(r) for v, r in rates.items()}
+
+    def ratio(variant: str, base: str) -> str:
+        return f"{median[variant] / median[base]:.3f}" if base in median else "-"
+
+    def paired(variant: str, base: str) -> str:
+        if base not in rates:
+            return "-"
+        return f"{statistics.median(a / b for a, b in zip(rates[variant], rates[base])):.3f}"
+
     print(
         f"\n{args.workers} workers x {args.threads} thread(s), per-worker batch {args.batch}, {MODELS[args.model]}, "
-        f"{args.steps} timed steps, median of {args.repeats}\n"
+        f"{args.steps} timed steps after {args.warmup} (rounded up to multiples of k for -kK), median of "
+        f"{args.repeats}, {time.perf_counter() - started_all:.0f} s; load average (1/5/15 min) before "
+        f"{'/'.join(f'{x:.2f}' for x in load_before)}, after {'/'.join(f'{x:.2f}' for x in load_after)}\n"
     )
-    print("| variant | examples/s (median) | min | max | vs limit | tfpar / variant | ms/step | CPU ms/step/worker |")
-    print("|---|---|---|---|---|---|---|---|")
-    for variant in VARIANTS:
+    print("| variant | examples/s (median) | min | max | vs limit | vs limit (paired) | vs tfpar | vs tfpar (paired) "
+          "| tfpar / variant | ms/step | CPU ms/step/worker |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for variant in variants:
         values = rates[variant]
+        inverse = f"{median['tfpar'] / median[variant]:.3f}" if "tfpar" in median else "-"
         print(
             f"| {variant} | {median[variant]:.1f} | {min(values):.1f} | {max(values):.1f} | "
-            f"{median[variant] / median['limit']:.3f} | {median['tfpar'] / median[variant]:.3f} | "
+            f"{ratio(variant, 'limit')} | {paired(variant, 'limit')} | {ratio(variant, 'tfpar')} | "
+            f"{paired(variant, 'tfpar')} | {inverse} | "
             f"{1000 * args.workers * args.batch / median[variant]:.1f} | {statistics.median(cpu[variant]):.1f} |"
         )
-
+    goals = [("hvd", "tfpar", 0.97, "")]
+    note = "" if args.batch == 64 else f" (the issue's goal is at per-worker batch 64; this run: {args.batch})"
+    goals += [(v, "limit", 0.85, note) for v in ("hvd-k4", "tfpar-k4")]
+    lines = []
+    for variant, base, goal, note in goals:
+        if variant in median and base in median:
+            value = median[variant] / median[base]
+            lines.append(f"{variant} / {base}: {value:.3f} (paired {paired(variant, base)}), goal >= {goal}: "
+                         f"{'met' if value >= goal else 'NOT met'}{note}")
+    if lines:
+        print("\nGoals (issue 15), ratio of medians:\n" + "\n".join(lines))
 
 if __name__ == "__main__":
     main()

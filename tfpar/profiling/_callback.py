@@ -1,0 +1,168 @@
+"""``StepProfiler``: a Keras callback that profiles a window of steps and says where their time goes."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from tfpar._validation import check_int
+from tfpar.profiling import _breakdown, _cluster, _stages, _xplane
+from tfpar.profiling._report import ProfileReport, TaskProfile
+
+
+class StepProfiler(keras.callbacks.Callback):
+    """Profiles `steps` training steps after `warmup_steps` and reports where the step time goes.
+
+    It records the window with TensorFlow's profiler (``tf.profiler.experimental``: the trace
+    opens in TensorBoard's Profile tab, ``tensorboard --logdir <logdir>``) and cuts every step
+    into input wait, compute, communication, idle and the rest (Keras's loop, callbacks, Python);
+    see :class:`tfpar.profiling.Breakdown`. Works under every tfpar strategy:
+
+    * one process (default, mirrored, a split model): the steps of this process. A model split by
+      ``tfpar.parallel.split`` also gets each stage's busy and bubble time next to the plan's
+      prediction.
+    * ``multi_worker``: every worker profiles the same steps; the chief collects every worker's
+      breakdown (``report.per_task``) over the coordination service.
+    * ``parameter_server``: the coordinator traces its workers and parameter servers over their
+      gRPC servers (TensorFlow's profiler service) for the window's duration.
+
+    The report is at ``profiler.report`` after training (None on a non-chief worker), printed as a
+    table when `verbose`. Profiling slows the profiled steps a little; the steps before and after
+    run at full speed.
+
+    Args:
+        warmup_steps: Steps run before the window (tracing and the first steps are slow).
+        steps: Steps in the window.
+        logdir: Directory for TensorFlow's trace (default: a new temporary directory).
+        verbose: Print the table when the window is done.
+        log: Where the table goes.
+
+    Example:
+    >>> profiler = tfpar.training.StepProfiler(warmup_steps=5, steps=10)
+    >>> model.fit(x, y, batch_size=64, epochs=2, callbacks=[profiler])
+    >>> profiler.report.breakdown.shares()["input"]
+    0.03...
+    """
+
+    def __init__(
+        self,
+        warmup_steps: int = 10,
+        steps: int = 20,
+        logdir: str | Path | None = None,
+        verbose: bool = True,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        super().__init__()
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
+        self.steps = check_int("steps", steps, minimum=1)
+        self.logdir = Path(logdir) if logdir is not None else None
+        self.verbose = verbose
+        self._log = log
+        self.report: ProfileReport | None = None
+
+    # --- the window ---------------------------------------------------------------------------
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self.report = None
+        self._done = 0  # steps finished
+        self._marker = 0  # step numbers of the markers (+1 at an epoch's end: windows stop there)
+        self._state = "waiting"
+        self._profiled = 0
+        self._trace: Any = None
+        self._begin_batch = 0
+        self._wall: list[tuple[float, float, int]] = []  # (start, end, steps) of profiled steps
+        self._strategy = tf.distribute.get_strategy()
+        self._mode = _cluster.mode(self._strategy)
+        self._remote: _cluster.RemoteCapture | None = None
+        self._logdir = self.logdir or Path(tempfile.mkdtemp(prefix="tfpar-profile-"))
+        self._train_started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._marker += 1
+
+    def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._begin_batch = batch
+        if self._state == "waiting" and self._done >= self.warmup_steps:
+            self._start()
+        if self._state == "recording":
+            self._trace = tf.profiler.experimental.Trace(_xplane.STEP_MARKER, step_num=self._marker, _r=1)
+            self._trace.__enter__()
+            self._wall.append((time.perf_counter(), 0.0, 0))
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        steps = max(1, batch - self._begin_batch + 1) if self._mode != "parameter_server" else 1
+        self._done += steps
+        self._marker += steps
+        if self._state != "recording":
+            return
+        if self._trace is not None:
+            self._trace.set_metadata(steps=steps)
+            self._trace.__exit__(None, None, None)
+            self._trace = None
+        start = self._wall[-1][0] if self._wall else time.perf_counter()
+        self._wall[-1:] = [(start, time.perf_counter(), steps)]
+        self._profiled += steps
+        if self._profiled >= self.steps:
+            self._finish()
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        if self._state == "recording":
+            if self._trace is not None:
+                self._trace.__exit__(None, None, None)
+                self._trace = None
+            self._finish()
+        elif self._state == "waiting":
+            warnings.warn(
+                f"tfpar: StepProfiler profiled nothing: training ran {self._done} step(s), expected "
+                f"more than warmup_steps={self.warmup_steps}. Fix: lower warmup_steps, or train longer.",
+                stacklevel=2,
+            )
+
+    def _start(self) -> None:
+        self._state = "recording"
+        self._started = time.perf_counter()
+        if self._mode == "parameter_server":
+            mean_step = (time.perf_counter() - self._train_started) / max(self._done, 1)
+            self._remote = _cluster.RemoteCapture(self._strategy, self._logdir / "tasks", self.steps * mean_step)
+            self._remote.start()
+        tf.profiler.experimental.start(str(self._logdir))
+
+    def _finish(self) -> None:
+        self._state = "done"
+        tf.profiler.experimental.stop()
+        own = self._own_profile()
+        tasks = [own]
+        if self._remote is not None:
+            tasks = self._remote.join(steps=self._profiled) or tasks
+        elif self._mode == "multi_worker":
+            gathered = _cluster.exchange(self._strategy, own)
+            if gathered is None:
+                return  # a non-chief worker: the chief reports
+            tasks = gathered
+        wall = [end - start for start, end, _ in self._wall if end > start]
+        wall_steps = sum(steps for start, end, steps in self._wall if end > start) or 1
+        self.report = ProfileReport(
+            tasks=tuple(tasks),
+            wall_step_ms=1000 * sum(wall) / wall_steps,
+            mode=self._mode,
+            logdir=str(self._logdir),
+        )
+        if self.verbose:
+            self._log(self.report.table())
+
+    def _own_profile(self) -> TaskProfile:
+        runs = _xplane.runs(self._logdir)
+        events = [event for host in _xplane.read_run(runs[-1]).values() for event in host] if runs else []
+        windows = _breakdown.step_windows(events)
+        timeline = _breakdown.cut(events, windows)
+        breakdown = _breakdown.summarize(timeline)
+        stages = _stages.stage_times(self.model, events, windows, breakdown.steps)
+        return TaskProfile(_cluster.task_name(self._strategy), breakdown, timeline, stages)
+

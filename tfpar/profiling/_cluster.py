@@ -1,0 +1,129 @@
+"""Profiles across the tasks of a cluster: gathered by the chief, or traced from the coordinator.
+
+* ``multi_worker``: every worker profiles its own steps (the same steps: they run in lockstep)
+  and puts its :class:`TaskProfile` into the coordination service's key-value store; the chief
+  reads every worker's.
+* ``parameter_server``: the workers and parameter servers run no Python of the user's; the
+  coordinator asks their gRPC servers (each one serves TensorFlow's profiler) for a trace of the
+  window's duration with ``tf.profiler.experimental.client.trace``. A task's breakdown is then
+  its busy time by part over the capture, per step it ran, and the rest is idle.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import tensorflow as tf
+
+from tfpar._compat import internals
+from tfpar.profiling import _breakdown, _xplane
+from tfpar.profiling import _intervals as iv
+from tfpar.profiling._report import TaskProfile
+
+EXCHANGE_TIMEOUT = 300.0  # seconds the chief waits for a worker's profile
+_COUNT = [0]
+
+
+def mode(strategy: tf.distribute.Strategy) -> str:
+    """``"parameter_server"``, ``"multi_worker"`` (more than one task) or ``"local"``."""
+    if isinstance(strategy, tf.distribute.ParameterServerStrategy):
+        return "parameter_server"
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and resolver is not None:
+        spec = resolver.cluster_spec().as_dict()
+        if sum(len(tasks) for tasks in spec.values()) > 1:
+            return "multi_worker"
+    return "local"
+
+
+def task_name(strategy: tf.distribute.Strategy) -> str:
+    """``"chief 0"``, ``"worker 1"``... under a cluster; ``"local"`` in one process."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if mode(strategy) == "local" or resolver is None:
+        return "local"
+    return f"{resolver.task_type} {resolver.task_id}"
+
+
+def exchange(strategy: tf.distribute.Strategy, own: TaskProfile) -> list[TaskProfile] | None:
+    """multi_worker: every task sends `own`; the chief returns all (its own first), others None."""
+    _COUNT[0] += 1
+    prefix = f"tfpar/profile/{_COUNT[0]}"
+    resolver = strategy.cluster_resolver
+    internals.set_key(f"{prefix}/{own.task}", json.dumps(own.to_wire()))
+    tasks = [f"{job} {index}" for job, addresses in sorted(resolver.cluster_spec().as_dict().items())
+             for index in range(len(addresses))]
+    chief = "chief 0" if "chief 0" in tasks else "worker 0"
+    if own.task != chief:
+        return None
+    gathered = [own]
+    for task in tasks:
+        if task != own.task:
+            gathered.append(TaskProfile.from_wire(json.loads(internals.get_key(f"{prefix}/{task}", EXCHANGE_TIMEOUT))))
+    return gathered
+
+
+class RemoteCapture:
+    """parameter_server: traces every worker and parameter server for `seconds`, in a thread."""
+
+    def __init__(self, strategy: tf.distribute.Strategy, logdir: Path, seconds: float) -> None:
+        spec = strategy.cluster_resolver.cluster_spec().as_dict()
+        self._tasks = {
+            address.rsplit(":", 1)[-1]: f"{job} {index}"
+            for job in ("worker", "ps") for index, address in enumerate(spec.get(job, []))
+        }
+        self._addresses = [f"grpc://{address}" for job in ("worker", "ps") for address in spec.get(job, [])]
+        self._workers = len(spec.get("worker", []))
+        self._logdir = logdir
+        self._seconds = min(max(seconds, 1.0), 30.0)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="tfpar-profile-capture", daemon=True)
+
+    def start(self) -> None:
+        self._logdir.mkdir(parents=True, exist_ok=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            tf.profiler.experimental.client.trace(
+                ",".join(self._addresses), str(self._logdir), duration_ms=int(self._seconds * 1000)
+            )
+        except Exception as error:  # reported by join(), never lost
+            self._error = error
+
+    def join(self, steps: int) -> list[TaskProfile]:
+        """Waits for the capture; one profile per task. `steps`: coordinator steps in the window."""
+        self._thread.join(timeout=self._seconds + 120)
+        if self._thread.is_alive() or self._error is not None:
+            raise RuntimeError(
+                f"tfpar: StepProfiler could not trace the cluster's tasks {self._addresses}: "
+                f"{self._error or 'no answer within the window plus 120 s'}"
+            )
+        runs = _xplane.runs(self._logdir)
+        profiles = []
+        for host, events in (_xplane.read_run(runs[-1]).items() if runs else []):
+            task = self._tasks.get(host.rsplit("_", 1)[-1], host)
+            per_task_steps = steps / self._workers if task.startswith("worker") else steps
+            profiles.append(TaskProfile(task, _busy_breakdown(events, max(per_task_steps, 1.0))))
+        order = {name: index for index, name in enumerate(self._tasks.values())}
+        return sorted(profiles, key=lambda profile: order.get(profile.task, len(order)))
+
+
+def _busy_breakdown(events: list[_xplane.Event], steps: float) -> _breakdown.Breakdown:
+    """A task without step markers: its parts over the whole capture, per step; the rest idle."""
+    if not events:
+        return _breakdown.Breakdown(0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    window = [(min(event.start_ns for event in events), max(event.end_ns for event in events))]
+    timeline = _breakdown.cut(events, [(1, *window[0])])
+    parts = dict(timeline.parts)
+    busy = iv.union(parts["compute"] + parts["communication"] + parts["input"])
+    parts["idle"] = iv.subtract(window, busy)
+    parts["other"] = []
+    ms = {part: iv.length(spans) / 1e6 / steps for part, spans in parts.items()}
+    ranked = sorted(timeline.op_time.items(), key=lambda item: -item[1])[:5]
+    return _breakdown.Breakdown(
+        steps=int(round(steps)), step_ms=sum(ms.values()),
+        top_ops=tuple((part, kind, ns / 1e6 / steps) for (part, kind), ns in ranked),
+        **{f"{part}_ms": ms[part] for part in _breakdown.PARTS},
+    )

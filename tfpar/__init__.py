@@ -36,8 +36,10 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "launch": ("tfpar.launch", None),
     "models": ("tfpar.models", None),
     "parallel": ("tfpar.parallel", None),
+    "profiling": ("tfpar.profiling", None),
     "strategies": ("tfpar.strategies", None),
     "training": ("tfpar.training", None),
+    "tuning": ("tfpar.tuning", None),
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

@@ -62,6 +62,16 @@ class TrainConfig:
         on_error: For an image folder in `data`: ``"raise"`` (default) stops at a file that is
             not a readable image and names it; ``"skip"`` leaves such files out and warns with
             their count (``tfpar.data.read_images(on_error=...)``). Other data ignores it.
+        steps_per_execution: Training steps per call of the compiled step function (Keras's
+            ``compile(steps_per_execution=...)``); more steps per call cost less Python per step.
+        profile: Profile a window of steps after warm-up (``tfpar.training.StepProfiler``): the
+            report gains ``step_breakdown`` in ``metrics.json``, ``trace.json`` and
+            ``step_breakdown.png``, and TensorFlow's trace under ``profile/`` (TensorBoard).
+        tune: Before training, measure a few settings (batch size, steps per execution, gradient
+            accumulation under multi_worker, micro-batches of a split model) for a short while
+            each and train with the fastest (``tfpar.tuning.tune``); the learning rate follows
+            the batch size by the rule of `learning_rate`. The report gains ``tuning``.
+        tune_budget: Seconds the tuning may take (default: ``tfpar.tuning``'s default).
 
     Example:
     >>> config = tfpar.job.TrainConfig(model="vgg11", epochs=2, width=0.125)
@@ -87,6 +97,10 @@ class TrainConfig:
     output_dir: str | None = None
     verbose: int = 1
     on_error: str = "raise"
+    steps_per_execution: int = 1
+    profile: bool = False
+    tune: bool = False
+    tune_budget: float | None = None
 
     def __post_init__(self) -> None:
         """Checks every option before anything is built: cheap, and free of TensorFlow side
@@ -175,6 +189,21 @@ class TrainConfig:
                 valid = f"{low} <= {name} <= {high}" if high is not None else f"{name} >= {low}"
                 raise ValueError(f"Expected {valid}. Received: {name}={value}")
         pipeline_lib.check_microbatches(self.microbatches)
+        if isinstance(self.steps_per_execution, bool) or not isinstance(self.steps_per_execution, int) \
+                or self.steps_per_execution < 1:
+            raise ValueError(
+                f"Expected steps_per_execution to be a positive int. Received: steps_per_execution={self.steps_per_execution!r}"
+            )
+        for name in ("profile", "tune"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"Expected {name} to be True or False. Received: {name}={getattr(self, name)!r}")
+        if self.tune_budget is not None and (
+            isinstance(self.tune_budget, bool) or not isinstance(self.tune_budget, numbers.Real)
+            or not math.isfinite(self.tune_budget) or self.tune_budget <= 0
+        ):
+            raise ValueError(
+                f"Expected tune_budget to be None or a finite number of seconds > 0. Received: tune_budget={self.tune_budget!r}"
+            )
         if self.on_error not in ("raise", "skip"):
             raise ValueError(f"Expected on_error to be 'raise' or 'skip'. Received: on_error={self.on_error!r}")
         if self.verbose not in _VERBOSITY or isinstance(self.verbose, bool):

@@ -46,6 +46,7 @@ import sys
 import tempfile
 import traceback
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from tfpar import _names, cluster, launch  # none of them imports TensorFlow
 from tfpar._train_config import OPTIMIZERS, TrainConfig
@@ -224,6 +225,19 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output", default=None, help="report directory (default: tfpar_runs/train-<time>)")
     parser.add_argument("--min-accuracy", type=_fraction, default=None,
                         help="exit with status 1 if the test accuracy is below this")
+    parser.add_argument("--steps-per-execution", type=_positive_int, default=1, metavar="N",
+                        help="training steps per call of the compiled step function (default: 1)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile a window of steps after warm-up and report where the step time goes "
+                             "(input, compute, communication, idle, other; per task of a cluster): a table, "
+                             "step_breakdown in metrics.json, trace.json (Perfetto), step_breakdown.png and "
+                             "TensorFlow's trace in profile/ (TensorBoard)")
+    parser.add_argument("--tune", action="store_true",
+                        help="measure a few settings first (batch size, steps per execution, gradient "
+                             "accumulation under multi_worker) and train with the fastest; the learning "
+                             "rate follows the batch size")
+    parser.add_argument("--tune-budget", type=_positive_float, default=None, metavar="SECONDS",
+                        help="seconds the tuning may take (default: tfpar.tuning's default)")
     parser.add_argument("--quiet", action="store_true", help="one line per epoch instead of a progress bar")
     parser.set_defaults(handler=_train, command_parser=parser, late_types=(("--data", "data", _data_source),))
 
@@ -250,6 +264,8 @@ def _check_train_arguments(args: argparse.Namespace) -> str | None:
             "--model-parallel splits one model replica over devices and runs under the 'default' "
             f"strategy; it cannot be combined with --strategy {args.strategy} (valid: auto, default)"
         )
+    if args.tune_budget is not None and not args.tune:
+        return "--tune-budget limits the tuning: add --tune"
     if args.microbatches != 1 and not args.model_parallel:
         return "--microbatches applies to a split model: add --model-parallel K"
     if args.devices is not None and not args.model_parallel and args.strategy not in _DEVICE_STRATEGIES:
@@ -322,6 +338,10 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         output_dir=args.output,
         verbose=2 if args.quiet or not sys.stdout.isatty() else 1,
         on_error=args.on_error,
+        steps_per_execution=args.steps_per_execution,
+        profile=args.profile,
+        tune=args.tune,
+        tune_budget=args.tune_budget,
     )
 
 
@@ -368,15 +388,31 @@ def _train(args: argparse.Namespace) -> int:
                 f"test accuracy   {result.test_accuracy:.4f}",
                 f"test loss       {result.test_loss:.4f}",
                 f"report          {result.report_dir}/metrics.json, {result.report_dir}/training.png"
+                + (", trace.json, step_breakdown.png" if result.step_breakdown else "")
+                + (", tuning.png" if result.tuning else "")
                 if result.report_dir
                 else "report          written by the chief",
             ]
+            + _tuned_lines(result)
         )
     )
     if args.min_accuracy is not None and result.test_accuracy < args.min_accuracy:
         print(f"tfpar train: test accuracy {result.test_accuracy:.4f} is below --min-accuracy {args.min_accuracy}")
         return 1
     return 0
+
+
+def _tuned_lines(result: Any) -> list[str]:
+    """Summary lines of --profile and --tune."""
+    lines = []
+    if result.tuning:
+        chosen = ", ".join(f"{key} {value}" for key, value in result.tuning["chosen"].items())
+        lines.append(f"tuned           {chosen} (of {len(result.tuning['candidates'])} measured)")
+    if result.step_breakdown:
+        shares = result.step_breakdown["shares"]
+        parts = ", ".join(f"{part} {100 * share:.0f}%" for part, share in shares.items())
+        lines.append(f"step            {result.step_breakdown['step_ms']:.1f} ms: {parts}")
+    return lines
 
 
 def _memory(text: str) -> float:

@@ -66,6 +66,9 @@ class TrainResult:
         samples_per_second: Training throughput of the last epoch.
         history: Keras history (per-epoch metrics).
         report_dir: Directory holding ``metrics.json`` and ``training.png`` (None if not written).
+        step_breakdown: With ``config.profile``: ``metrics.json``'s ``"step_breakdown"``.
+        tuning: With ``config.tune``: ``metrics.json``'s ``"tuning"`` (candidates and choice).
+        config: The configuration trained with: the tuned settings when ``config.tune``.
     """
 
     strategy: str
@@ -75,6 +78,9 @@ class TrainResult:
     samples_per_second: float
     history: dict[str, list[float]]
     report_dir: Path | None
+    step_breakdown: dict[str, Any] | None = None
+    tuning: dict[str, Any] | None = None
+    config: TrainConfig | None = None
 
 
 def _read_path(path: str, side: int, on_error: str = "raise") -> tuple[np.ndarray, np.ndarray]:
@@ -218,14 +224,7 @@ def train(config: TrainConfig | None = None, *, log: Callable[[str], None] = pri
                 f", split over {config.model_parallel} devices in {model.microbatches} "
                 f"micro-batch(es):\n{model.plan.summary()}"
             )
-        rule = "linear" if config.optimizer == "sgd" else "sqrt"
-        learning_rate = training.scale_learning_rate(config.learning_rate, factor=replicas, rule=rule)
-        optimizer = (
-            keras.optimizers.SGD(learning_rate, momentum=0.9)
-            if config.optimizer == "sgd"
-            else keras.optimizers.Adam(learning_rate)
-        )
-        model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        learning_rate = _compile(model, config, replicas)
     log(
         f"tfpar {__version__}: training {config.model} ({model.count_params():,} parameters) on "
         f"{len(y_train)} {'digits' if config.data == 'digits' else config.data} images "
@@ -235,10 +234,18 @@ def train(config: TrainConfig | None = None, *, log: Callable[[str], None] = pri
     )
     if replicas >= _MANY_REPLICAS:
         log(f"tfpar: tracing the training step on {replicas} replicas before the first epoch starts")
+    report_dir = _report_directory(config)
+    tuned = None
+    if config.tune:
+        config, tuned = _tune(model, config, x_train, y_train, strategy, replicas, log)
     callbacks: list[keras.callbacks.Callback] = [training.Throughput(config.batch_size)]
     if replicas > 1:
         steps_per_epoch = -(-len(y_train) // config.batch_size)
         callbacks.append(training.LearningRateWarmup(warmup_steps=steps_per_epoch))
+    profiler = None
+    if config.profile:
+        profiler = _profiler(config, len(y_train), report_dir, strategy, log)
+        callbacks.append(profiler)
     started = time.perf_counter()
     history = model.fit(
         x_train,
@@ -260,17 +267,94 @@ def train(config: TrainConfig | None = None, *, log: Callable[[str], None] = pri
         samples_per_second=float(rates[-1]),
         history={k: [float(v) for v in values] for k, values in history.history.items()},
         report_dir=None,
+        step_breakdown=profiler.report.to_json() if profiler is not None and profiler.report else None,
+        tuning=tuned.to_json() if tuned is not None else None,
+        config=config,
     )
     if not cluster.is_chief(getattr(strategy, "cluster_resolver", None)):
         return result  # under multi_worker only the chief writes the report
-    report_dir = write_report(config, result, elapsed)
+    write_report(config, result, elapsed, directory=report_dir)
+    if profiler is not None and profiler.report is not None:
+        profiler.report.write_trace(report_dir / "trace.json")
+        profiler.report.plot(report_dir / "step_breakdown.png")
+    if tuned is not None:
+        tuned.plot(report_dir / "tuning.png")
     return dataclasses.replace(result, report_dir=report_dir)
 
 
-def write_report(config: TrainConfig, result: TrainResult, elapsed: float) -> Path:
-    """Writes ``metrics.json`` and ``training.png`` and returns their directory."""
+def _compile(model: keras.Model, config: TrainConfig, replicas: int, accumulation: int = 1,
+             batch_factor: float = 1.0) -> float:
+    """Compiles `model` for `config`; returns the learning rate: the base rate scaled for the
+    replica count, a tuned batch size (`batch_factor` of the configured one) and accumulation."""
+    rule = "linear" if config.optimizer == "sgd" else "sqrt"
+    factor = replicas * batch_factor * accumulation
+    learning_rate = training.scale_learning_rate(config.learning_rate, factor=factor, rule=rule)
+    options: dict[str, Any] = {}
+    if accumulation > 1:
+        options["gradient_accumulation_steps"] = accumulation
+    optimizer = (
+        keras.optimizers.SGD(learning_rate, momentum=0.9, **options)
+        if config.optimizer == "sgd"
+        else keras.optimizers.Adam(learning_rate, **options)
+    )
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                  steps_per_execution=config.steps_per_execution)
+    return learning_rate
+
+
+def _tune(model: keras.Model, config: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
+          strategy: tf.distribute.Strategy, replicas: int, log: Callable[[str], None]) -> tuple[TrainConfig, Any]:
+    """Measures candidate settings (``tfpar.tuning.tune``), recompiles with the fastest and returns
+    the config trained with and the tuning result."""
+    from tfpar import tuning
+
+    with strategy.scope():
+        tuned = tuning.tune(
+            model, x_train, y_train, batch_size=config.batch_size,
+            steps_per_execution=config.steps_per_execution, budget_seconds=config.tune_budget, log=log,
+        )
+        chosen = dict(tuned.chosen)
+        tuned_config = dataclasses.replace(
+            config,
+            batch_size=int(chosen.get("batch_size", config.batch_size)),
+            steps_per_execution=int(chosen.get("steps_per_execution", config.steps_per_execution)),
+        )
+        if "microbatches" in chosen and hasattr(model, "microbatches"):
+            tuned_config = dataclasses.replace(tuned_config, microbatches=int(chosen["microbatches"]))
+        accumulation = int(chosen.get("gradient_accumulation_steps", 1))
+        learning_rate = _compile(model, tuned_config, replicas, accumulation,
+                                 batch_factor=tuned_config.batch_size / config.batch_size)
+    log(tuned.table())
+    log(
+        f"tfpar tune: training with {', '.join(f'{key} {value}' for key, value in chosen.items())}; "
+        f"learning rate {learning_rate:.3g} (scaled with the batch size); tuning took {tuned.seconds:.1f} s"
+    )
+    return tuned_config, tuned
+
+
+def _profiler(config: TrainConfig, examples: int, report_dir: Path, strategy: tf.distribute.Strategy,
+              log: Callable[[str], None]) -> keras.callbacks.Callback:
+    """A StepProfiler whose window fits the run: after warm-up (at most one epoch), up to 20 steps."""
+    from tfpar import profiling
+
+    per_epoch = max(1, -(-examples // (config.batch_size * config.steps_per_execution)))
+    total = per_epoch * config.epochs
+    warmup = min(per_epoch, 10, max(1, total // 3))
+    steps = max(1, min(20, total - warmup)) * config.steps_per_execution
+    chief = cluster.is_chief(getattr(strategy, "cluster_resolver", None))
+    logdir = report_dir / "profile" if chief else None
+    return profiling.StepProfiler(warmup_steps=warmup * config.steps_per_execution, steps=steps, logdir=logdir,
+                                  verbose=chief, log=log)
+
+
+def _report_directory(config: TrainConfig) -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    directory = Path(config.output_dir or Path("tfpar_runs") / f"train-{stamp}")
+    return Path(config.output_dir or Path("tfpar_runs") / f"train-{stamp}")
+
+
+def write_report(config: TrainConfig, result: TrainResult, elapsed: float, directory: Path | None = None) -> Path:
+    """Writes ``metrics.json`` and ``training.png`` and returns their directory."""
+    directory = directory or _report_directory(config)
     directory.mkdir(parents=True, exist_ok=True)
     metrics = {
         "config": dataclasses.asdict(config),
@@ -281,6 +365,8 @@ def write_report(config: TrainConfig, result: TrainResult, elapsed: float) -> Pa
         "samples_per_second": result.samples_per_second,
         "train_seconds": elapsed,
         "history": result.history,
+        **({"step_breakdown": result.step_breakdown} if result.step_breakdown is not None else {}),
+        **({"tuning": result.tuning} if result.tuning is not None else {}),
         "versions": {
             "tfpar": __version__,
             "tensorflow": tf.__version__,

@@ -16,6 +16,7 @@ import keras
 import tensorflow as tf
 
 from tfpar._validation import check_int, check_positive_number
+from tfpar.profiling import StepProfiler  # noqa: F401  (public here: tfpar.training.StepProfiler)
 
 LR_SCALING_RULES = ("linear", "sqrt")
 

@@ -78,7 +78,7 @@ class StepProfiler(keras.callbacks.Callback):
         self._trace: Any = None
         self._begin_batch = 0
         self._wall: list[tuple[float, float, int]] = []  # (start, end, steps) of profiled steps
-        self._strategy = tf.distribute.get_strategy()
+        self._strategy = getattr(self.model, "distribute_strategy", None) or tf.distribute.get_strategy()
         self._mode = _cluster.mode(self._strategy)
         self._remote: _cluster.RemoteCapture | None = None
         self._logdir = self.logdir or Path(tempfile.mkdtemp(prefix="tfpar-profile-"))
@@ -110,14 +110,16 @@ class StepProfiler(keras.callbacks.Callback):
         self._wall[-1:] = [(start, time.perf_counter(), steps)]
         self._profiled += steps
         if self._profiled >= self.steps:
-            self._finish()
+            self._stop()
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         if self._state == "recording":
             if self._trace is not None:
                 self._trace.__exit__(None, None, None)
                 self._trace = None
-            self._finish()
+            self._stop()
+        if self._state == "stopped":
+            self._finish()  # read and summarized here, not inside an epoch (its throughput stays true)
         elif self._state == "waiting":
             warnings.warn(
                 f"tfpar: StepProfiler profiled nothing: training ran {self._done} step(s), expected "
@@ -134,9 +136,12 @@ class StepProfiler(keras.callbacks.Callback):
             self._remote.start()
         tf.profiler.experimental.start(str(self._logdir))
 
+    def _stop(self) -> None:
+        self._state = "stopped"
+        tf.profiler.experimental.stop()
+
     def _finish(self) -> None:
         self._state = "done"
-        tf.profiler.experimental.stop()
         own = self._own_profile()
         tasks = [own]
         if self._remote is not None:

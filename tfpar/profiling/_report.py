@@ -179,7 +179,7 @@ class ProfileReport:
 
         stages = self.tasks[0].stages
         columns = 2 if stages else 1
-        figure, axes = plt.subplots(1, columns, figsize=(5 + 4 * columns, 0.6 * len(self.tasks) + 2.4))
+        figure, axes = plt.subplots(1, columns, figsize=(5 + 4 * columns, 0.6 * len(self.tasks) + 2.8))
         axis = axes[0] if columns == 2 else axes
         names = [task.task for task in self.tasks]
         left = [0.0] * len(self.tasks)
@@ -190,7 +190,7 @@ class ProfileReport:
         axis.invert_yaxis()
         axis.set_xlabel("ms per step")
         axis.set_title("where the step time goes")
-        axis.legend(loc="lower right", fontsize="small")
+        axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=len(PARTS), fontsize="small")
         if stages:
             axis = axes[1]
             labels = [f"stage {stage.stage}" for stage in stages]
@@ -203,7 +203,7 @@ class ProfileReport:
             axis.invert_yaxis()
             axis.set_xlabel("ms per step (dashed: the plan's predicted busy time)")
             axis.set_title("split model: busy and bubble per stage")
-            axis.legend(loc="lower right", fontsize="small")
+            axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, fontsize="small")
         figure.tight_layout()
         path = Path(path)
         figure.savefig(path, dpi=100)

@@ -66,10 +66,15 @@ def _slice(array: np.ndarray, examples: int) -> np.ndarray:
 
 def _fit(model: Any, x: np.ndarray, y: np.ndarray, settings: dict[str, Any], executions: int,
          on_train_begin: Any = None) -> list[float]:
+    batch_size = int(settings["batch_size"])
+    if not 1 <= batch_size <= len(x):
+        raise ValueError(
+            f"Expected a global batch size from 1 to the {len(x)} training examples. Received: batch_size={batch_size}"
+        )
     examples = executions * examples_per_execution(settings)
     timer = _Timer(on_train_begin)
     started = time.perf_counter()
-    model.fit(_slice(x, examples), _slice(y, examples), batch_size=int(settings["batch_size"]), epochs=1,
+    model.fit(_slice(x, examples), _slice(y, examples), batch_size=batch_size, epochs=1,
               verbose=0, shuffle=False, callbacks=[timer])
     if len(timer.ends) != executions:  # a setting that does not run as planned cannot be compared
         raise RuntimeError(

@@ -211,6 +211,12 @@ class _Search:
 
     def run(self, state: ModelState, settings_list: list[dict[str, Any]]) -> None:
         for index, settings in enumerate(settings_list):
+            if not 1 <= int(settings["batch_size"]) <= len(self.x):  # the same on every worker: no agreement
+                error = (f"ValueError: Expected a global batch size from 1 to the {len(self.x)} training examples. "
+                         f"Received: batch_size={settings['batch_size']}")
+                self.measured.append(Candidate(dict(settings), None, 0.0, error))
+                self.log(f"tfpar tune: {describe(settings)}: failed ({error})")
+                continue
             if index:
                 estimate = self._estimate(settings, state)
                 if self.spent + estimate > self.budget:

@@ -151,3 +151,8 @@ def _local_resolver(spec: Mapping[str, list[str]], chief: bool) -> tf.distribute
         task_id=0 if chief else None,
         rpc_layer="grpc",
     )
+
+
+def in_process_spec() -> dict[str, list[str]] | None:
+    """The cluster spec of this process's in-process cluster (:func:`local_cluster`), or None."""
+    return dict(_LOCAL_CLUSTER["spec"]) if _LOCAL_CLUSTER else None

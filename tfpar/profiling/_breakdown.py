@@ -47,13 +47,14 @@ _PIPELINE_LINES = ("tf_data",)  # input-pipeline producer threads: overlapped wi
 _COMMUNICATION_LINES = ("collective_ops",)
 _COMMUNICATION_NAMES = ("RecvTensor", "RecvBuf", "CollectiveRemoteAccess")
 _INTRA_OP_LINES = ("tf_numa_", "tf_intra_op", "Eigen")
+_SERVICE_CALLS = ("EagerService:", "WorkerService:", "CoordinationService:")  # RPC handlers, not ops
 _FUNCTION_EXECUTION = "EagerLocalExecute: __inference"
 _PYTHON_LINE = "python"
 
 
 def op_type(name: str) -> str | None:
     """The op type of a TraceMe named ``op_name:OpType``, else None (``Executor::Process``...)."""
-    if "::" in name:
+    if "::" in name or name.startswith(_SERVICE_CALLS):
         return None
     match = _OP.match(name)
     return match.group(1) if match else None

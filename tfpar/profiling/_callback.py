@@ -82,7 +82,9 @@ class StepProfiler(keras.callbacks.Callback):
         self._mode = _cluster.mode(self._strategy)
         self._remote: _cluster.RemoteCapture | None = None
         self._logdir = self.logdir or Path(tempfile.mkdtemp(prefix="tfpar-profile-"))
-        self._train_started = time.perf_counter()
+        self._recent: list[float] = []  # parameter_server: when the last steps ended
+        self._ends: list[float] = []  # parameter_server: when the profiled steps ended
+        self._capture = (0.0, 0.0)  # parameter_server: the remote capture's (start, end)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._marker += 1
@@ -91,13 +93,16 @@ class StepProfiler(keras.callbacks.Callback):
         self._begin_batch = batch
         if self._state == "waiting" and self._done >= self.warmup_steps:
             self._start()
-        if self._state == "recording":
+        if self._state == "recording" and self._mode != "parameter_server":
             self._trace = tf.profiler.experimental.Trace(_xplane.STEP_MARKER, step_num=self._marker, _r=1)
             self._trace.__enter__()
             self._wall.append((time.perf_counter(), 0.0, 0))
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        steps = max(1, batch - self._begin_batch + 1) if self._mode != "parameter_server" else 1
+        if self._mode == "parameter_server":
+            self._ps_batch_end()
+            return
+        steps = max(1, batch - self._begin_batch + 1)
         self._done += steps
         self._marker += steps
         if self._state != "recording":
@@ -127,44 +132,79 @@ class StepProfiler(keras.callbacks.Callback):
                 stacklevel=2,
             )
 
+    def _ps_batch_end(self) -> None:
+        """parameter_server: steps end (lagged) as their results arrive; the window is a time span."""
+        now = time.perf_counter()
+        self._done += 1
+        self._recent = [*self._recent[-5:], now]
+        if self._state == "recording":
+            self._ends.append(now)
+            if now >= self._capture[1]:
+                self._stop()
+
     def _start(self) -> None:
         self._state = "recording"
-        self._started = time.perf_counter()
-        if self._mode == "parameter_server":
-            mean_step = (time.perf_counter() - self._train_started) / max(self._done, 1)
-            self._remote = _cluster.RemoteCapture(self._strategy, self._logdir / "tasks", self.steps * mean_step)
-            self._remote.start()
-        tf.profiler.experimental.start(str(self._logdir))
+        if self._mode != "parameter_server":
+            tf.profiler.experimental.start(str(self._logdir))
+            return
+        gaps = sorted(b - a for a, b in zip(self._recent, self._recent[1:]))
+        step_seconds = gaps[len(gaps) // 2] if gaps else 0.1
+        planned = (self.params or {}).get("steps")
+        epochs = (self.params or {}).get("epochs")
+        seconds = self.steps * step_seconds
+        if planned and epochs:
+            seconds = min(seconds, max(2.0, (planned * epochs - self._done - 1) * step_seconds))
+        now = time.perf_counter()
+        self._capture = (now, now + min(max(seconds, 2.0), 30.0))
+        if _cluster.in_process(self._strategy):
+            tf.profiler.experimental.start(str(self._logdir))  # one process: one session sees all tasks
+            return
+        # The tasks' traces say it all; the coordinator's own (a Python loop) would not.
+        self._remote = _cluster.RemoteCapture(self._strategy, self._logdir / "tasks", self._capture[1] - now)
+        self._remote.start()
 
     def _stop(self) -> None:
         self._state = "stopped"
-        tf.profiler.experimental.stop()
+        if self._remote is None:
+            tf.profiler.experimental.stop()
+        if self._mode == "parameter_server":
+            self._capture = (self._capture[0], min(self._capture[1], time.perf_counter()))
 
     def _finish(self) -> None:
         self._state = "done"
-        own = self._own_profile()
-        tasks = [own]
+        wall = [end - start for start, end, _ in self._wall if end > start]
+        wall_steps = sum(steps for start, end, steps in self._wall if end > start) or 1
+        wall_step_ms = 1000 * sum(wall) / wall_steps
+        if self._mode == "parameter_server":
+            covered = self._capture[1] - self._capture[0]
+            wall_steps = max(len(self._ends), 1)
+            wall_step_ms = 1000 * covered / wall_steps
         if self._remote is not None:
-            tasks = self._remote.join(steps=self._profiled) or tasks
+            tasks = self._remote.join(steps=wall_steps, seconds=covered)
         elif self._mode == "multi_worker":
-            gathered = _cluster.exchange(self._strategy, own)
+            gathered = _cluster.exchange(self._strategy, self._own_profile())
             if gathered is None:
                 return  # a non-chief worker: the chief reports
             tasks = gathered
-        wall = [end - start for start, end, _ in self._wall if end > start]
-        wall_steps = sum(steps for start, end, steps in self._wall if end > start) or 1
+        elif self._mode == "parameter_server":
+            tasks = [_cluster.in_process_profile(self._events(), self._strategy, wall_steps)]
+        else:
+            tasks = [self._own_profile()]
         self.report = ProfileReport(
             tasks=tuple(tasks),
-            wall_step_ms=1000 * sum(wall) / wall_steps,
+            wall_step_ms=wall_step_ms,
             mode=self._mode,
             logdir=str(self._logdir),
         )
         if self.verbose:
             self._log(self.report.table())
 
-    def _own_profile(self) -> TaskProfile:
+    def _events(self) -> list[_xplane.Event]:
         runs = _xplane.runs(self._logdir)
-        events = [event for host in _xplane.read_run(runs[-1]).values() for event in host] if runs else []
+        return [event for host in _xplane.read_run(runs[-1]).values() for event in host] if runs else []
+
+    def _own_profile(self) -> TaskProfile:
+        events = self._events()
         windows = _breakdown.step_windows(events)
         timeline = _breakdown.cut(events, windows)
         breakdown = _breakdown.summarize(timeline)

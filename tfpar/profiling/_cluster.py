@@ -18,6 +18,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from tfpar._compat import internals
+from tfpar.cluster._local import in_process_spec
 from tfpar.profiling import _breakdown, _xplane
 from tfpar.profiling import _intervals as iv
 from tfpar.profiling._report import TaskProfile
@@ -64,11 +65,24 @@ def exchange(strategy: tf.distribute.Strategy, own: TaskProfile) -> list[TaskPro
     return gathered
 
 
+def in_process(strategy: tf.distribute.Strategy) -> bool:
+    """parameter_server: whether the workers and ps tasks are servers in this process
+    (``tfpar.local_cluster``): one profiler session then sees them all, and cannot tell them apart."""
+    return internals.ps_cluster_spec(strategy) == in_process_spec()
+
+
+def in_process_profile(events: list[_xplane.Event], strategy: tf.distribute.Strategy, steps: int) -> TaskProfile:
+    """The busy breakdown of an in-process cluster's threads, per coordinator step."""
+    spec = internals.ps_cluster_spec(strategy)
+    shape = ", ".join(f"{len(spec.get(job, []))} {job}" for job in ("worker", "ps"))
+    return TaskProfile(f"in-process cluster ({shape})", _busy_breakdown(events, float(max(steps, 1))))
+
+
 class RemoteCapture:
     """parameter_server: traces every worker and parameter server for `seconds`, in a thread."""
 
     def __init__(self, strategy: tf.distribute.Strategy, logdir: Path, seconds: float) -> None:
-        spec = strategy.cluster_resolver.cluster_spec().as_dict()
+        spec = internals.ps_cluster_spec(strategy)
         self._tasks = {
             address.rsplit(":", 1)[-1]: f"{job} {index}"
             for job in ("worker", "ps") for index, address in enumerate(spec.get(job, []))
@@ -92,8 +106,10 @@ class RemoteCapture:
         except Exception as error:  # reported by join(), never lost
             self._error = error
 
-    def join(self, steps: int) -> list[TaskProfile]:
-        """Waits for the capture; one profile per task. `steps`: coordinator steps in the window."""
+    def join(self, steps: int, seconds: float) -> list[TaskProfile]:
+        """Waits for the capture; one profile per task. `steps` ended in the first `seconds` of
+        the capture (after that, training may have ended): the workers share them (a worker's
+        step is the time between two steps it runs); a ps serves every step."""
         self._thread.join(timeout=self._seconds + 120)
         if self._thread.is_alive() or self._error is not None:
             raise RuntimeError(
@@ -105,16 +121,19 @@ class RemoteCapture:
         for host, events in (_xplane.read_run(runs[-1]).items() if runs else []):
             task = self._tasks.get(host.rsplit("_", 1)[-1], host)
             per_task_steps = steps / self._workers if task.startswith("worker") else steps
-            profiles.append(TaskProfile(task, _busy_breakdown(events, max(per_task_steps, 1.0))))
+            profiles.append(TaskProfile(task, _busy_breakdown(events, max(per_task_steps, 1.0), seconds)))
         order = {name: index for index, name in enumerate(self._tasks.values())}
         return sorted(profiles, key=lambda profile: order.get(profile.task, len(order)))
 
 
-def _busy_breakdown(events: list[_xplane.Event], steps: float) -> _breakdown.Breakdown:
-    """A task without step markers: its parts over the whole capture, per step; the rest idle."""
+def _busy_breakdown(events: list[_xplane.Event], steps: float, seconds: float | None = None) -> _breakdown.Breakdown:
+    """A task without step markers: its parts over the capture (`seconds` long, default: from its
+    first event to its last), per step; the rest is idle."""
     if not events:
         return _breakdown.Breakdown(0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-    window = [(min(event.start_ns for event in events), max(event.end_ns for event in events))]
+    first = min(event.start_ns for event in events)
+    last = max(event.end_ns for event in events)
+    window = [(first, first + int(seconds * 1e9) if seconds else last)]
     timeline = _breakdown.cut(events, [(1, *window[0])])
     parts = dict(timeline.parts)
     busy = iv.union(parts["compute"] + parts["communication"] + parts["input"])

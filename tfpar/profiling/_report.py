@@ -109,13 +109,14 @@ class ProfileReport:
 
     def table(self) -> str:
         """A printable table: ms per step and share of each part, per task; stages of a split model."""
-        header = f"{'task':<12}{'step ms':>9}" + "".join(f"{part + ' ms':>17}" for part in PARTS)
+        width = max(12, *(len(task.task) + 2 for task in self.tasks))
+        header = f"{'task':<{width}}{'step ms':>9}" + "".join(f"{part + ' ms':>17}" for part in PARTS)
         rows = ["== step breakdown (ms per step, share of the step) ==", header]
         for task in self.tasks:
             b = task.breakdown
             shares = b.shares()
             cells = "".join(f"{b.part_ms()[part]:>10.2f} ({100 * shares[part]:>3.0f}%)" for part in PARTS)
-            rows.append(f"{task.task:<12}{b.step_ms:>9.2f}{cells}")
+            rows.append(f"{task.task:<{width}}{b.step_ms:>9.2f}{cells}")
         chief = self.breakdown
         rows.append(f"wall clock: {self.wall_step_ms:.2f} ms per step over {chief.steps} profiled steps")
         if chief.top_ops:

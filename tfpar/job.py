@@ -282,20 +282,15 @@ def train(config: TrainConfig | None = None, *, log: Callable[[str], None] = pri
     return dataclasses.replace(result, report_dir=report_dir)
 
 
-def _compile(model: keras.Model, config: TrainConfig, replicas: int, accumulation: int = 1,
-             batch_factor: float = 1.0) -> float:
+def _compile(model: keras.Model, config: TrainConfig, replicas: int) -> float:
     """Compiles `model` for `config`; returns the learning rate: the base rate scaled for the
-    replica count, a tuned batch size (`batch_factor` of the configured one) and accumulation."""
+    replica count (linear for SGD, square root for Adam)."""
     rule = "linear" if config.optimizer == "sgd" else "sqrt"
-    factor = replicas * batch_factor * accumulation
-    learning_rate = training.scale_learning_rate(config.learning_rate, factor=factor, rule=rule)
-    options: dict[str, Any] = {}
-    if accumulation > 1:
-        options["gradient_accumulation_steps"] = accumulation
+    learning_rate = training.scale_learning_rate(config.learning_rate, factor=replicas, rule=rule)
     optimizer = (
-        keras.optimizers.SGD(learning_rate, momentum=0.9, **options)
+        keras.optimizers.SGD(learning_rate, momentum=0.9)
         if config.optimizer == "sgd"
-        else keras.optimizers.Adam(learning_rate, **options)
+        else keras.optimizers.Adam(learning_rate)
     )
     model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
                   steps_per_execution=config.steps_per_execution)
@@ -304,8 +299,14 @@ def _compile(model: keras.Model, config: TrainConfig, replicas: int, accumulatio
 
 def _tune(model: keras.Model, config: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
           strategy: tf.distribute.Strategy, replicas: int, log: Callable[[str], None]) -> tuple[TrainConfig, Any]:
-    """Measures candidate settings (``tfpar.tuning.tune``), recompiles with the fastest and returns
-    the config trained with and the tuning result."""
+    """Measures candidate settings (``tfpar.tuning.tune``), applies the fastest and returns the
+    config trained with and the tuning result.
+
+    Tuning restores the weights and optimizer state; the chosen setting is applied in place (no
+    recompile, so a traced step function is kept where only the batch size changed) and the
+    learning rate is rescaled by the rule of :func:`_compile` for the new batch size and any
+    gradient accumulation.
+    """
     from tfpar import tuning
 
     with strategy.scope():
@@ -314,20 +315,21 @@ def _tune(model: keras.Model, config: TrainConfig, x_train: np.ndarray, y_train:
             steps_per_execution=config.steps_per_execution, budget_seconds=config.tune_budget, log=log,
         )
         chosen = dict(tuned.chosen)
-        tuned_config = dataclasses.replace(
-            config,
-            batch_size=int(chosen.get("batch_size", config.batch_size)),
-            steps_per_execution=int(chosen.get("steps_per_execution", config.steps_per_execution)),
-        )
-        if "microbatches" in chosen and hasattr(model, "microbatches"):
-            tuned_config = dataclasses.replace(tuned_config, microbatches=int(chosen["microbatches"]))
-        accumulation = int(chosen.get("gradient_accumulation_steps", 1))
-        learning_rate = _compile(model, tuned_config, replicas, accumulation,
-                                 batch_factor=tuned_config.batch_size / config.batch_size)
+        tuning.apply_settings(model, chosen)
+    tuned_config = dataclasses.replace(
+        config,
+        batch_size=int(chosen.get("batch_size", config.batch_size)),
+        steps_per_execution=int(chosen.get("steps_per_execution", config.steps_per_execution)),
+        microbatches=int(chosen["microbatches"]) if "microbatches" in chosen else config.microbatches,
+    )
+    rule = "linear" if config.optimizer == "sgd" else "sqrt"
+    factor = replicas * tuned_config.batch_size / config.batch_size * int(chosen.get("gradient_accumulation_steps", 1))
+    learning_rate = training.scale_learning_rate(config.learning_rate, factor=factor, rule=rule)
+    model.optimizer.learning_rate = learning_rate
     log(tuned.table())
     log(
-        f"tfpar tune: training with {', '.join(f'{key} {value}' for key, value in chosen.items())}; "
-        f"learning rate {learning_rate:.3g} (scaled with the batch size); tuning took {tuned.seconds:.1f} s"
+        f"tfpar tune: training with {tuning.describe(chosen)}; learning rate {learning_rate:.3g} "
+        f"({rule} in the global batch); tuning took {tuned.seconds:.1f} s"
     )
     return tuned_config, tuned
 

@@ -23,7 +23,7 @@ PRIVATE_API_HOMES = ("tfpar._compat", "tfpar.coordinator._patches")
 LAYERS = [
     ("the compat package sits below every feature module", "tfpar._compat",
      ("tfpar.coordinator", "tfpar.strategies", "tfpar.job", "tfpar.cli", "tfpar.doctor", "tfpar.launch",
-      "tfpar.models", "tfpar.parallel", "tfpar.training")),
+      "tfpar.models", "tfpar.parallel", "tfpar.training", "tfpar.profiling", "tfpar.tuning")),
     ("the coordinator sits below the strategy registry", "tfpar.coordinator",
      ("tfpar.strategies", "tfpar.job", "tfpar.cli", "tfpar.doctor")),
     ("cluster discovery sits below the compat package and every feature module", "tfpar.cluster",
@@ -33,6 +33,9 @@ LAYERS = [
      ("tfpar._compat", "tfpar.coordinator", "tfpar.strategies", "tfpar.job", "tfpar.cli", "tfpar.doctor",
       "tfpar.models", "tfpar.parallel", "tfpar.data", "tfpar.training", "tfpar.devices")),
     ("the command line's name tables import nothing from tfpar", "tfpar._names", ("tfpar",)),
+    ("profiling sits below the job and the command line (and does not tune)", "tfpar.profiling",
+     ("tfpar.job", "tfpar.cli", "tfpar.tuning", "tfpar.launch")),
+    ("tuning sits below the job and the command line", "tfpar.tuning", ("tfpar.job", "tfpar.cli", "tfpar.launch")),
 ]
 
 # Packages whose private modules import each other's names: only public (non-underscore) names.

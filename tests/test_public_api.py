@@ -23,8 +23,10 @@ PINNED_ALL = {
     "tfpar": [
         "__version__", "available_strategies", "cluster", "configure_virtual_devices", "coordinator",
         "data", "datasets", "devices", "doctor", "get_strategy", "job", "launch", "local_cluster",
-        "models", "parallel", "register_strategy", "scope", "strategies", "training",
+        "models", "parallel", "profiling", "register_strategy", "scope", "strategies", "training", "tuning",
     ],
+    "tfpar.profiling": ["PARTS", "Breakdown", "ProfileReport", "StageTime", "StepProfiler", "TaskProfile"],
+    "tfpar.tuning": ["Candidate", "DEFAULT_BUDGET_SECONDS", "TuningResult", "apply_settings", "describe", "tune"],
     "tfpar.data": [
         "Imputation", "IncrementalFiles", "IncrementalTrainer", "check_deterministic", "choose_policy",
         "compute_statistics", "distribute", "from_numpy", "image_class_names", "imputation",

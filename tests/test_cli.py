@@ -72,6 +72,8 @@ def test_train_model_parallel(tmp_path):
          "cannot be combined with --strategy mirrored (valid: auto, default)"),
         (["--microbatches", "4"], "add --model-parallel K"),
         (["--strategy", "one_device", "--devices", "2"], "--strategy one_device does not take it"),
+        (["--tune", "--strategy", "ps"], "it does not run under --strategy ps"),
+        (["--tune-budget", "10"], "--tune-budget limits the tuning: add --tune"),
     ],
 )
 def test_train_refuses_combinations_in_process(capsys, monkeypatch, args, message):

@@ -264,6 +264,11 @@ def _check_train_arguments(args: argparse.Namespace) -> str | None:
             "--model-parallel splits one model replica over devices and runs under the 'default' "
             f"strategy; it cannot be combined with --strategy {args.strategy} (valid: auto, default)"
         )
+    if args.tune and args.strategy in ("parameter_server", "ps"):
+        return (
+            "--tune measures settings with short synchronous fits; it does not run under --strategy "
+            f"{args.strategy} (asynchronous workers). Tune under --strategy mirrored and pass its --batch-size"
+        )
     if args.tune_budget is not None and not args.tune:
         return "--tune-budget limits the tuning: add --tune"
     if args.microbatches != 1 and not args.model_parallel:

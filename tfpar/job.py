@@ -310,10 +310,13 @@ def _tune(model: keras.Model, config: TrainConfig, x_train: np.ndarray, y_train:
     from tfpar import tuning
 
     with strategy.scope():
-        tuned = tuning.tune(
-            model, x_train, y_train, batch_size=config.batch_size,
-            steps_per_execution=config.steps_per_execution, budget_seconds=config.tune_budget, log=log,
-        )
+        try:
+            tuned = tuning.tune(
+                model, x_train, y_train, batch_size=config.batch_size,
+                steps_per_execution=config.steps_per_execution, budget_seconds=config.tune_budget, log=log,
+            )
+        except ValueError as error:  # a strategy tuning does not measure (parameter_server)
+            raise InputError(f"Cannot tune under {strategies.strategy_name(strategy)}: {error}") from error
         chosen = dict(tuned.chosen)
         tuning.apply_settings(model, chosen)
     tuned_config = dataclasses.replace(

@@ -86,7 +86,9 @@ def _fit(model: Any, x: np.ndarray, y: np.ndarray, settings: dict[str, Any], exe
 
 def _error(exception: BaseException) -> str:
     message = getattr(exception, "message", None) or str(exception)
-    line = message.strip().splitlines()[0] if message.strip() else ""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    # AutoGraph's "in user code:" header: the error itself is the last line of the message
+    line = (lines[-1] if lines[0].endswith("in user code:") else lines[0]) if lines else ""
     return f"{type(exception).__name__}: {line}"[:500]
 
 

@@ -162,6 +162,14 @@ def tune(
     if log is not None and not callable(log):
         raise TypeError(f"Expected `log` to be a callable or None. {_validation.received('log', log)}")
     strategy = model.distribute_strategy if model.distribute_strategy is not None else tf.distribute.get_strategy()
+    if isinstance(strategy, tf.distribute.ParameterServerStrategy):
+        raise ValueError(
+            "Expected a synchronous strategy for tuning (default, one_device, mirrored, multi_worker, "
+            "or a split model): their short fits measure a setting in seconds. Received: a "
+            "ParameterServerStrategy, whose asynchronous workers make a short fit mostly start-up "
+            "(measured: a single setting took 80 s on an in-process cluster). Fix: tune the same "
+            "model under 'mirrored' or 'default' and pass its batch size to the parameter-server run."
+        )
     replicas = int(strategy.num_replicas_in_sync)
     multi_worker = is_multi_worker(strategy)
     default = default_settings(model, batch_size, steps_per_execution, multi_worker=multi_worker)
@@ -184,6 +192,7 @@ def tune(
     best = fastest(search.measured)
     if best is None:
         errors = "; ".join(f"{describe(c.settings)}: {c.error}" for c in search.measured)
+        errors += " (the full errors were logged above)" if log is not None else ""
         raise RuntimeError(f"tfpar tune: every setting failed, so there is nothing to train with. Received: {errors}")
     result = TuningResult(candidates=search.measured, chosen=dict(best.settings), default=dict(default),
                           seconds=seconds, budget_seconds=budget, skipped=search.skipped)

@@ -24,8 +24,7 @@ import tensorflow as tf
 
 import tfpar
 from tfpar import launch
-from tfpar.profiling import PARTS, StepProfiler
-from tfpar.profiling import _breakdown, _intervals, _xplane
+from tfpar.profiling import PARTS, StepProfiler, _breakdown, _intervals, _xplane
 
 SCRIPT = Path(__file__).parent / "scripts" / "profile_cluster.py"
 # The trace's windows and the wall clock's cover the same steps; they differ by the time
@@ -220,7 +219,7 @@ def test_two_workers_report_every_worker_with_communication(tmp_path):
 def test_parameter_server_reports_workers_and_ps(tmp_path):
     report, trace = _cluster_report(tmp_path, "parameter_server", workers=2, ps=1)
     assert set(report["per_task"]) == {"worker 0", "worker 1", "ps 0"}
-    for name, task in report["per_task"].items():
+    for _name, task in report["per_task"].items():
         assert sum(task[f"{part}_ms"] for part in PARTS) == pytest.approx(task["step_ms"])
         assert task["other_ms"] == 0  # no Python of the user's runs there
     assert sum(report["per_task"][w]["compute_ms"] for w in ("worker 0", "worker 1")) > 0

@@ -167,6 +167,20 @@ def test_too_short_a_run_warns_and_reports_nothing():
     assert profiler.report is None
 
 
+def test_another_profiler_session_is_left_alone_and_training_goes_on(tmp_path):
+    x, y = _data(256)
+    model = _model()
+    profiler = StepProfiler(warmup_steps=2, steps=3, verbose=False)
+    tf.profiler.experimental.start(str(tmp_path))  # the user's own session, e.g. TensorBoard's
+    try:
+        with pytest.warns(UserWarning, match="could not start TensorFlow's profiler"):
+            history = model.fit(x, y, batch_size=32, epochs=1, callbacks=[profiler], verbose=0)
+    finally:
+        tf.profiler.experimental.stop()
+    assert len(history.history["loss"]) == 1
+    assert profiler.report is None
+
+
 def test_a_split_model_reports_each_stage(tmp_path):
     x, y = _data(256)
     model = keras.Sequential([

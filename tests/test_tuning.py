@@ -237,3 +237,19 @@ def test_two_workers_choose_the_same_settings(tmp_path, budget):
         assert any(c["settings"]["gradient_accumulation_steps"] == 4 and c["error"] is None for c in first["candidates"])
     else:
         assert first["skipped"]
+
+
+def test_an_accumulation_setting_runs_on_a_built_optimizer_and_the_optimizer_is_restored():
+    # Keras creates accumulators only when gradient_accumulation_steps is set before the
+    # optimizer is built: the setting trains with a copy, and the original comes back.
+    x, y = _data()
+    with tfpar.scope("mirrored", devices=["cpu:0", "cpu:1"]):
+        model = _model()
+        model.fit(x, y, batch_size=32, epochs=1, verbose=0)  # builds the optimizer
+        optimizer, weights = model.optimizer, [w.copy() for w in model.get_weights()]
+        result = tuning.tune(model, x, y, batch_size=32, budget_seconds=120, log=None,
+                             candidates=[{"batch_size": 32}, {"batch_size": 32, "gradient_accumulation_steps": 4}])
+    assert [c.error for c in result.candidates] == [None, None]
+    assert model.optimizer is optimizer and not getattr(optimizer, "gradient_accumulation_steps", None)
+    assert all(np.array_equal(a, b) for a, b in zip(weights, model.get_weights()))
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)

@@ -282,15 +282,19 @@ def train(config: TrainConfig | None = None, *, log: Callable[[str], None] = pri
     return dataclasses.replace(result, report_dir=report_dir)
 
 
-def _compile(model: keras.Model, config: TrainConfig, replicas: int) -> float:
+def _compile(model: keras.Model, config: TrainConfig, replicas: int, *, batch_factor: float = 1.0,
+             accumulation: int = 1) -> float:
     """Compiles `model` for `config`; returns the learning rate: the base rate scaled for the
-    replica count (linear for SGD, square root for Adam)."""
+    replica count and, after tuning, for a batch `batch_factor` times the configured one and
+    `accumulation` steps (linear for SGD, square root for Adam)."""
     rule = "linear" if config.optimizer == "sgd" else "sqrt"
-    learning_rate = training.scale_learning_rate(config.learning_rate, factor=replicas, rule=rule)
+    factor = replicas * batch_factor * accumulation
+    learning_rate = training.scale_learning_rate(config.learning_rate, factor=factor, rule=rule)
+    options: dict[str, Any] = {"gradient_accumulation_steps": accumulation} if accumulation > 1 else {}
     optimizer = (
-        keras.optimizers.SGD(learning_rate, momentum=0.9)
+        keras.optimizers.SGD(learning_rate, momentum=0.9, **options)
         if config.optimizer == "sgd"
-        else keras.optimizers.Adam(learning_rate)
+        else keras.optimizers.Adam(learning_rate, **options)
     )
     model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
                   steps_per_execution=config.steps_per_execution)
@@ -299,13 +303,13 @@ def _compile(model: keras.Model, config: TrainConfig, replicas: int) -> float:
 
 def _tune(model: keras.Model, config: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
           strategy: tf.distribute.Strategy, replicas: int, log: Callable[[str], None]) -> tuple[TrainConfig, Any]:
-    """Measures candidate settings (``tfpar.tuning.tune``), applies the fastest and returns the
-    config trained with and the tuning result.
+    """Measures candidate settings (``tfpar.tuning.tune``), compiles for the fastest and returns
+    the config trained with and the tuning result.
 
-    Tuning restores the weights and optimizer state; the chosen setting is applied in place (no
-    recompile, so a traced step function is kept where only the batch size changed) and the
-    learning rate is rescaled by the rule of :func:`_compile` for the new batch size and any
-    gradient accumulation.
+    Tuning restores the weights and optimizer state; the model is then compiled afresh, as for
+    an untuned run (measured: under multi_worker, training on with the tuning's step function
+    ran 2-3x slower per step than a fresh compile), with the learning rate rescaled for the
+    chosen batch size and accumulation.
     """
     from tfpar import tuning
 
@@ -318,17 +322,18 @@ def _tune(model: keras.Model, config: TrainConfig, x_train: np.ndarray, y_train:
         except ValueError as error:  # a strategy tuning does not measure (parameter_server)
             raise InputError(f"Cannot tune under {strategies.strategy_name(strategy)}: {error}") from error
         chosen = dict(tuned.chosen)
-        tuning.apply_settings(model, chosen)
-    tuned_config = dataclasses.replace(
-        config,
-        batch_size=int(chosen.get("batch_size", config.batch_size)),
-        steps_per_execution=int(chosen.get("steps_per_execution", config.steps_per_execution)),
-        microbatches=int(chosen["microbatches"]) if "microbatches" in chosen else config.microbatches,
-    )
+        tuned_config = dataclasses.replace(
+            config,
+            batch_size=int(chosen.get("batch_size", config.batch_size)),
+            steps_per_execution=int(chosen.get("steps_per_execution", config.steps_per_execution)),
+            microbatches=int(chosen["microbatches"]) if "microbatches" in chosen else config.microbatches,
+        )
+        accumulation = int(chosen.get("gradient_accumulation_steps", 1))
+        learning_rate = _compile(model, tuned_config, replicas, batch_factor=tuned_config.batch_size / config.batch_size,
+                                 accumulation=accumulation)
+        if "microbatches" in chosen:
+            tuning.apply_settings(model, {"microbatches": int(chosen["microbatches"])})
     rule = "linear" if config.optimizer == "sgd" else "sqrt"
-    factor = replicas * tuned_config.batch_size / config.batch_size * int(chosen.get("gradient_accumulation_steps", 1))
-    learning_rate = training.scale_learning_rate(config.learning_rate, factor=factor, rule=rule)
-    model.optimizer.learning_rate = learning_rate
     log(tuned.table())
     log(
         f"tfpar tune: training with {tuning.describe(chosen)}; learning rate {learning_rate:.3g} "

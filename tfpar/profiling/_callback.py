@@ -16,6 +16,8 @@ from tfpar._validation import check_int
 from tfpar.profiling import _breakdown, _cluster, _stages, _xplane
 from tfpar.profiling._report import ProfileReport, TaskProfile
 
+_EMPTY = _breakdown.Breakdown(0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)  # a task that could not profile
+
 
 class StepProfiler(keras.callbacks.Callback):
     """Profiles `steps` training steps after `warmup_steps` and reports where the step time goes.
@@ -125,6 +127,8 @@ class StepProfiler(keras.callbacks.Callback):
             self._stop()
         if self._state == "stopped":
             self._finish()  # read and summarized here, not inside an epoch (its throughput stays true)
+        elif self._state == "failed" and self._mode == "multi_worker":
+            _cluster.exchange(self._strategy, TaskProfile(_cluster.task_name(self._strategy), _EMPTY))
         elif self._state == "waiting":
             warnings.warn(
                 f"tfpar: StepProfiler profiled nothing: training ran {self._done} step(s), expected "
@@ -145,7 +149,7 @@ class StepProfiler(keras.callbacks.Callback):
     def _start(self) -> None:
         self._state = "recording"
         if self._mode != "parameter_server":
-            tf.profiler.experimental.start(str(self._logdir))
+            self._start_local()
             return
         gaps = sorted(b - a for a, b in zip(self._recent, self._recent[1:]))
         step_seconds = gaps[len(gaps) // 2] if gaps else 0.1
@@ -157,11 +161,26 @@ class StepProfiler(keras.callbacks.Callback):
         now = time.perf_counter()
         self._capture = (now, now + min(max(seconds, 2.0), 30.0))
         if _cluster.in_process(self._strategy):
-            tf.profiler.experimental.start(str(self._logdir))  # one process: one session sees all tasks
+            self._start_local()  # one process: one session sees all tasks
             return
         # The tasks' traces say it all; the coordinator's own (a Python loop) would not.
         self._remote = _cluster.RemoteCapture(self._strategy, self._logdir / "tasks", self._capture[1] - now)
         self._remote.start()
+
+    def _start_local(self) -> None:
+        """Starts TensorFlow's profiler here; another session (TensorBoard's ``profile_batch``, a
+        ``tf.profiler`` of the user's) keeps it: then nothing is profiled and training goes on."""
+        try:
+            tf.profiler.experimental.start(str(self._logdir))
+        except (tf.errors.AlreadyExistsError, tf.errors.UnavailableError, tf.errors.InternalError) as error:
+            self._state = "failed"
+            warnings.warn(
+                "tfpar: StepProfiler could not start TensorFlow's profiler, so it profiles nothing "
+                f"(training goes on). Received: {error.message.splitlines()[0]}. Expected no other "
+                "profiler session during its window: drop TensorBoard(profile_batch=...) or move "
+                "its window (warmup_steps).",
+                stacklevel=3,
+            )
 
     def _stop(self) -> None:
         self._state = "stopped"

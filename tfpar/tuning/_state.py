@@ -67,7 +67,11 @@ def apply_settings(model: Any, settings: dict[str, Any]) -> None:
         model.steps_per_execution = int(settings["steps_per_execution"])
     if "gradient_accumulation_steps" in settings:
         steps = int(settings["gradient_accumulation_steps"])
-        model.optimizer.gradient_accumulation_steps = steps if steps > 1 else None
+        current = int(getattr(model.optimizer, "gradient_accumulation_steps", None) or 1)
+        if steps > 1 and current == 1 and getattr(model.optimizer, "built", False):
+            model.optimizer = _accumulating_copy(model, steps)
+        else:
+            model.optimizer.gradient_accumulation_steps = steps if steps > 1 else None
     if "microbatches" in settings:
         if not supports_microbatches(model):
             raise ValueError(
@@ -78,6 +82,23 @@ def apply_settings(model: Any, settings: dict[str, Any]) -> None:
         model._microbatches = m  # what tfpar.parallel.split(..., microbatches="auto") sets too
         model._plan = dataclasses.replace(model._plan, microbatches=m)
     model.train_function = None
+
+
+def _accumulating_copy(model: Any, steps: int) -> Any:
+    """A copy of the model's built optimizer that accumulates `steps` gradients.
+
+    Keras creates an optimizer's accumulators when it is built, only if
+    ``gradient_accumulation_steps`` was set by then; setting it later fails at the first step
+    ("no attribute '_accumulated_gradients'"). So a setting with accumulation trains with a
+    copy (same class and config, fresh state), built under the model's strategy; the state
+    restores the original optimizer.
+    """
+    optimizer = model.optimizer
+    config = dict(optimizer.get_config(), gradient_accumulation_steps=steps)
+    copy = type(optimizer).from_config(config)
+    with model.distribute_strategy.scope():
+        copy.build(model.trainable_variables)
+    return copy
 
 
 def _values(variables: list[Any]) -> list[np.ndarray]:
@@ -96,6 +117,7 @@ class ModelState:
     """
 
     model: Any
+    optimizer: Any
     steps_per_execution: int
     gradient_accumulation_steps: int | None
     microbatches: int | None
@@ -112,6 +134,7 @@ class ModelState:
         split = supports_microbatches(model)
         return cls(
             model=model,
+            optimizer=model.optimizer,
             steps_per_execution=model.steps_per_execution,
             gradient_accumulation_steps=getattr(model.optimizer, "gradient_accumulation_steps", None),
             microbatches=model._microbatches if split else None,
@@ -149,6 +172,7 @@ class ModelState:
         """Puts the variables and the settings back as they were."""
         model = self.model
         self.restore_variables()
+        model.optimizer = self.optimizer
         model.steps_per_execution = self.steps_per_execution
         model.optimizer.gradient_accumulation_steps = self.gradient_accumulation_steps
         if self.plan is not None:

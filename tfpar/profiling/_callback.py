@@ -80,6 +80,7 @@ class StepProfiler(keras.callbacks.Callback):
         self._trace: Any = None
         self._begin_batch = 0
         self._wall: list[tuple[float, float, int]] = []  # (start, end, steps) of profiled steps
+        self._follows = False  # the last profiled step ended in this epoch: the next one follows it
         self._strategy = getattr(self.model, "distribute_strategy", None) or tf.distribute.get_strategy()
         self._mode = _cluster.mode(self._strategy)
         self._remote: _cluster.RemoteCapture | None = None
@@ -90,15 +91,20 @@ class StepProfiler(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._marker += 1
+        self._follows = False
 
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._begin_batch = batch
         if self._state == "waiting" and self._done >= self.warmup_steps:
             self._start()
         if self._state == "recording" and self._mode != "parameter_server":
+            now = time.perf_counter()
+            if self._follows and self._wall:  # as the trace's windows: to the next step's start
+                start, _, steps = self._wall[-1]
+                self._wall[-1] = (start, now, steps)
             self._trace = tf.profiler.experimental.Trace(_xplane.STEP_MARKER, step_num=self._marker, _r=1)
             self._trace.__enter__()
-            self._wall.append((time.perf_counter(), 0.0, 0))
+            self._wall.append((now, 0.0, 0))
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         if self._mode == "parameter_server":
@@ -115,6 +121,7 @@ class StepProfiler(keras.callbacks.Callback):
             self._trace = None
         start = self._wall[-1][0] if self._wall else time.perf_counter()
         self._wall[-1:] = [(start, time.perf_counter(), steps)]
+        self._follows = True
         self._profiled += steps
         if self._profiled >= self.steps:
             self._stop()

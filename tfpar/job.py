@@ -240,8 +240,10 @@ def train(config: TrainConfig | None = None, *, log: Callable[[str], None] = pri
         config, tuned = _tune(model, config, x_train, y_train, strategy, replicas, log)
     callbacks: list[keras.callbacks.Callback] = [training.Throughput(config.batch_size)]
     if replicas > 1:
+        # The warmup counts optimizer updates: one per `accumulation` batches when tuning chose it.
+        accumulation = int((tuned.chosen if tuned is not None else {}).get("gradient_accumulation_steps", 1))
         steps_per_epoch = -(-len(y_train) // config.batch_size)
-        callbacks.append(training.LearningRateWarmup(warmup_steps=steps_per_epoch))
+        callbacks.append(training.LearningRateWarmup(warmup_steps=max(1, steps_per_epoch // accumulation)))
     profiler = None
     if config.profile:
         profiler = _profiler(config, len(y_train), report_dir, strategy, log)
@@ -319,8 +321,8 @@ def _tune(model: keras.Model, config: TrainConfig, x_train: np.ndarray, y_train:
                 model, x_train, y_train, batch_size=config.batch_size,
                 steps_per_execution=config.steps_per_execution, budget_seconds=config.tune_budget, log=log,
             )
-        except ValueError as error:  # a strategy tuning does not measure (parameter_server)
-            raise InputError(f"Cannot tune under {strategies.strategy_name(strategy)}: {error}") from error
+        except ValueError as error:  # e.g. a strategy tuning does not measure (parameter_server)
+            raise InputError(f"Cannot tune {config.model} under {strategies.strategy_name(strategy)}: {error}") from error
         chosen = dict(tuned.chosen)
         tuned_config = dataclasses.replace(
             config,
@@ -344,7 +346,8 @@ def _tune(model: keras.Model, config: TrainConfig, x_train: np.ndarray, y_train:
 
 def _profiler(config: TrainConfig, examples: int, report_dir: Path, strategy: tf.distribute.Strategy,
               log: Callable[[str], None]) -> keras.callbacks.Callback:
-    """A StepProfiler whose window fits the run: after warm-up (at most one epoch), up to 20 steps."""
+    """A StepProfiler whose window fits the run: after a warm-up of at most one epoch and 10
+    executions of the step function, up to 20 executions."""
     from tfpar import profiling
 
     per_epoch = max(1, -(-examples // (config.batch_size * config.steps_per_execution)))

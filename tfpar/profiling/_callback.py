@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 import warnings
@@ -15,8 +16,6 @@ import tensorflow as tf
 from tfpar._validation import check_int
 from tfpar.profiling import _breakdown, _cluster, _stages, _xplane
 from tfpar.profiling._report import ProfileReport, TaskProfile
-
-_EMPTY = _breakdown.Breakdown(0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)  # a task that could not profile
 
 
 class StepProfiler(keras.callbacks.Callback):
@@ -35,9 +34,12 @@ class StepProfiler(keras.callbacks.Callback):
     * ``parameter_server``: the coordinator traces its workers and parameter servers over their
       gRPC servers (TensorFlow's profiler service) for the window's duration.
 
-    The report is at ``profiler.report`` after training (None on a non-chief worker), printed as a
-    table when `verbose`. Profiling slows the profiled steps a little; the steps before and after
-    run at full speed.
+    The report is at ``profiler.report`` after training (None on a non-chief worker, or if the
+    profile could not be read: that warns and never fails the fit), printed as a table at the end
+    of training when `verbose`. The profiled steps run slower, and stopping TensorFlow's profiler
+    (which writes its trace) takes a moment inside that epoch; the other steps run at full
+    speed. Only the host is read: on a GPU, device time the host does not wait for is not in
+    the parts.
 
     Args:
         warmup_steps: Steps run before the window (tracing and the first steps are slow).
@@ -72,6 +74,8 @@ class StepProfiler(keras.callbacks.Callback):
     # --- the window ---------------------------------------------------------------------------
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        if getattr(self, "_state", None) == "recording":
+            self._abandon()  # an earlier fit raised inside the window: its session still records
         self.report = None
         self._done = 0  # steps finished
         self._marker = 0  # step numbers of the markers (+1 at an epoch's end: windows stop there)
@@ -84,7 +88,8 @@ class StepProfiler(keras.callbacks.Callback):
         self._strategy = getattr(self.model, "distribute_strategy", None) or tf.distribute.get_strategy()
         self._mode = _cluster.mode(self._strategy)
         self._remote: _cluster.RemoteCapture | None = None
-        self._logdir = self.logdir or Path(tempfile.mkdtemp(prefix="tfpar-profile-"))
+        self._logdir = Path()  # set when the window starts (see _start)
+        self._temporary = False
         self._recent: list[float] = []  # parameter_server: when the last steps ended
         self._ends: list[float] = []  # parameter_server: when the profiled steps ended
         self._capture = (0.0, 0.0)  # parameter_server: the remote capture's (start, end)
@@ -135,7 +140,7 @@ class StepProfiler(keras.callbacks.Callback):
         if self._state == "stopped":
             self._finish()  # read and summarized here, not inside an epoch (its throughput stays true)
         elif self._state == "failed" and self._mode == "multi_worker":
-            _cluster.exchange(self._strategy, TaskProfile(_cluster.task_name(self._strategy), _EMPTY))
+            _cluster.exchange(self._strategy, TaskProfile(_cluster.task_name(self._strategy), _cluster.EMPTY))
         elif self._state == "waiting":
             warnings.warn(
                 f"tfpar: StepProfiler profiled nothing: training ran {self._done} step(s), expected "
@@ -155,6 +160,11 @@ class StepProfiler(keras.callbacks.Callback):
 
     def _start(self) -> None:
         self._state = "recording"
+        if self.logdir is None:
+            self._logdir, self._temporary = Path(tempfile.mkdtemp(prefix="tfpar-profile-")), True
+        else:  # several workers given one directory must not read each other's traces
+            task = _cluster.task_name(self._strategy)
+            self._logdir = self.logdir / task.replace(" ", "-") if self._mode == "multi_worker" else self.logdir
         if self._mode != "parameter_server":
             self._start_local()
             return
@@ -196,19 +206,50 @@ class StepProfiler(keras.callbacks.Callback):
         if self._mode == "parameter_server":
             self._capture = (self._capture[0], min(self._capture[1], time.perf_counter()))
 
+    def _abandon(self) -> None:
+        if self._trace is not None:
+            self._trace.__exit__(None, None, None)
+            self._trace = None
+        if self._remote is None:
+            try:
+                tf.profiler.experimental.stop()
+            except (tf.errors.UnavailableError, tf.errors.FailedPreconditionError):
+                pass  # no session was left
+        self._state = "waiting"
+
     def _finish(self) -> None:
+        """Reads the window and reports; a failure here warns, it never fails the finished fit."""
         self._state = "done"
+        try:
+            self._report()
+        except Exception as error:  # noqa: BLE001 - training is done; the profile is extra
+            warnings.warn(
+                f"tfpar: StepProfiler could not read its profile ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''}); training finished normally. "
+                f"TensorFlow's trace, if any, is in {self._logdir}.",
+                stacklevel=3,
+            )
+        finally:
+            if self._temporary and self.report is None:
+                shutil.rmtree(self._logdir, ignore_errors=True)  # nobody reports from this task
+
+    def _report(self) -> None:
         wall = [end - start for start, end, _ in self._wall if end > start]
         wall_steps = sum(steps for start, end, steps in self._wall if end > start) or 1
         wall_step_ms = 1000 * sum(wall) / wall_steps
+        covered = self._capture[1] - self._capture[0]
         if self._mode == "parameter_server":
-            covered = self._capture[1] - self._capture[0]
             wall_steps = max(len(self._ends), 1)
             wall_step_ms = 1000 * covered / wall_steps
         if self._remote is not None:
             tasks = self._remote.join(steps=wall_steps, seconds=covered)
         elif self._mode == "multi_worker":
-            gathered = _cluster.exchange(self._strategy, self._own_profile())
+            try:
+                own = self._own_profile()
+            except Exception as error:  # noqa: BLE001 - the others still wait for this task's post
+                warnings.warn(f"tfpar: StepProfiler could not read this worker's profile ({error}).", stacklevel=3)
+                own = TaskProfile(_cluster.task_name(self._strategy), _cluster.EMPTY)
+            gathered = _cluster.exchange(self._strategy, own)
             if gathered is None:
                 return  # a non-chief worker: the chief reports
             tasks = gathered
@@ -216,6 +257,8 @@ class StepProfiler(keras.callbacks.Callback):
             tasks = [_cluster.in_process_profile(self._events(), self._strategy, wall_steps)]
         else:
             tasks = [self._own_profile()]
+        if not tasks:
+            raise RuntimeError("the trace held no task's events")
         self.report = ProfileReport(
             tasks=tuple(tasks),
             wall_step_ms=wall_step_ms,

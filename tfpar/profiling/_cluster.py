@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import threading
+import time
+import warnings
 from pathlib import Path
 
 import tensorflow as tf
@@ -23,7 +25,8 @@ from tfpar.profiling import _breakdown, _xplane
 from tfpar.profiling import _intervals as iv
 from tfpar.profiling._report import TaskProfile
 
-EXCHANGE_TIMEOUT = 300.0  # seconds the chief waits for a worker's profile
+EXCHANGE_TIMEOUT = 120.0  # seconds the chief waits for the workers' profiles, all together
+EMPTY = _breakdown.Breakdown(0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)  # a task without a profile
 _COUNT = [0]
 
 
@@ -48,20 +51,33 @@ def task_name(strategy: tf.distribute.Strategy) -> str:
 
 
 def exchange(strategy: tf.distribute.Strategy, own: TaskProfile) -> list[TaskProfile] | None:
-    """multi_worker: every task sends `own`; the chief returns all (its own first), others None."""
+    """multi_worker: every task posts `own`; the chief returns all (its own first), others None.
+
+    Every worker calls it once per fit, at the same point (the end of training), so the n-th
+    call of each meets the others' n-th. A worker whose profile does not arrive within
+    :data:`EXCHANGE_TIMEOUT` (all together) is reported empty, with a warning.
+    """
     _COUNT[0] += 1
     prefix = f"tfpar/profile/{_COUNT[0]}"
-    resolver = strategy.cluster_resolver
     internals.set_key(f"{prefix}/{own.task}", json.dumps(own.to_wire()))
-    tasks = [f"{job} {index}" for job, addresses in sorted(resolver.cluster_spec().as_dict().items())
-             for index in range(len(addresses))]
+    spec = strategy.cluster_resolver.cluster_spec().as_dict()
+    tasks = [f"{job} {index}" for job in ("chief", "worker") for index in range(len(spec.get(job, [])))]
     chief = "chief 0" if "chief 0" in tasks else "worker 0"
     if own.task != chief:
         return None
     gathered = [own]
+    deadline = time.monotonic() + EXCHANGE_TIMEOUT
     for task in tasks:
-        if task != own.task:
-            gathered.append(TaskProfile.from_wire(json.loads(internals.get_key(f"{prefix}/{task}", EXCHANGE_TIMEOUT))))
+        if task == own.task:
+            continue
+        try:
+            wire = internals.get_key(f"{prefix}/{task}", max(1.0, deadline - time.monotonic()))
+            gathered.append(TaskProfile.from_wire(json.loads(wire)))
+        except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError, tf.errors.InternalError,
+                tf.errors.AbortedError, ValueError, KeyError, TypeError) as error:
+            warnings.warn(f"tfpar: StepProfiler got no profile from {task} ({type(error).__name__}); "
+                          "it is reported empty.", stacklevel=3)
+            gathered.append(TaskProfile(task, EMPTY))
     return gathered
 
 
@@ -83,8 +99,9 @@ class RemoteCapture:
 
     def __init__(self, strategy: tf.distribute.Strategy, logdir: Path, seconds: float) -> None:
         spec = internals.ps_cluster_spec(strategy)
+        # TensorFlow names each task's file "<host>_<port>.xplane.pb"
         self._tasks = {
-            address.rsplit(":", 1)[-1]: f"{job} {index}"
+            address.replace(":", "_"): f"{job} {index}"
             for job in ("worker", "ps") for index, address in enumerate(spec.get(job, []))
         }
         self._addresses = [f"grpc://{address}" for job in ("worker", "ps") for address in spec.get(job, [])]
@@ -119,11 +136,19 @@ class RemoteCapture:
         runs = _xplane.runs(self._logdir)
         profiles = []
         for host, events in (_xplane.read_run(runs[-1]).items() if runs else []):
-            task = self._tasks.get(host.rsplit("_", 1)[-1], host)
+            task = self._tasks.get(host) or _by_port(self._tasks, host)
             per_task_steps = steps / self._workers if task.startswith("worker") else steps
             profiles.append(TaskProfile(task, _busy_breakdown(events, max(per_task_steps, 1.0), seconds)))
         order = {name: index for index, name in enumerate(self._tasks.values())}
         return sorted(profiles, key=lambda profile: order.get(profile.task, len(order)))
+
+
+def _by_port(self_tasks: dict[str, str], host: str) -> str:
+    """A file named by another spelling of the host (localhost vs 127.0.0.1): the task with that
+    port, if only one has it; else the file's own name."""
+    port = host.rsplit("_", 1)[-1]
+    matches = [task for address, task in self_tasks.items() if address.rsplit("_", 1)[-1] == port]
+    return matches[0] if len(matches) == 1 else host
 
 
 def _busy_breakdown(events: list[_xplane.Event], steps: float, seconds: float | None = None) -> _breakdown.Breakdown:

@@ -2,9 +2,12 @@
 
 A setting is applied without recompiling: ``steps_per_execution`` is read when Keras builds (and
 traces) the train function, so setting it and dropping the cached ``train_function`` is a
-recompile without new optimizer, loss or metric objects. The same holds for the optimizer's
-``gradient_accumulation_steps`` (tfpar's accumulation reads it when the train function is made)
-and a split model's micro-batch count (read when the forward pass is traced).
+recompile without new optimizer, loss or metric objects. The same holds for a split model's
+micro-batch count (read when the forward pass is traced) and for the optimizer's
+``gradient_accumulation_steps`` where the optimizer is not built yet (tfpar's accumulation reads
+it when the train function is made). A built optimizer has no accumulators (Keras makes them at
+build), so accumulation then trains with a fresh copy of it; :class:`ModelState` puts the
+original back.
 """
 
 from __future__ import annotations
@@ -57,6 +60,10 @@ def apply_settings(model: Any, settings: dict[str, Any]) -> None:
     Args:
         model: A compiled ``keras.Model``.
         settings: A candidate's settings (keys it does not have are left as they are).
+
+    Accumulation on an optimizer that is already built replaces ``model.optimizer`` with a
+    fresh copy (same class and config; its state starts over): Keras creates the accumulators
+    only when an optimizer is built.
 
     Raises:
         ValueError: If the setting asks for micro-batches of a model that is not split.

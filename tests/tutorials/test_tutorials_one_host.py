@@ -14,6 +14,7 @@ outputs must be identical.
 from __future__ import annotations
 
 import ast
+import os
 import re
 
 import _harness
@@ -32,6 +33,14 @@ TUTORIALS = [
 ]
 
 _FLOAT = r"(-?[0-9.]+(?:e[-+]?[0-9]+)?|nan|inf)"
+
+# The upstream runs of tutorials that work upstream too document upstream, not tfpar (three
+# processes, about 2 minutes on 2 cores): left out of the default suite to keep it under 30 min.
+# The upstream runs that pin an upstream failure, and the printed-output comparison, always run.
+_upstream_also_runs = pytest.mark.skipif(
+    os.environ.get("TFPAR_UPSTREAM_TUTORIALS") != "1",
+    reason="an upstream run of a tutorial that works upstream; set TFPAR_UPSTREAM_TUTORIALS=1 to run it",
+)
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +122,7 @@ def test_distribute_keras(tutorial_run):
     _check_distribute_keras(tutorial_run("distribute_keras"))
 
 
+@_upstream_also_runs
 def test_distribute_keras_upstream_also_runs(tutorial_run):
     _check_distribute_keras(tutorial_run("distribute_keras", upstream=True))
 
@@ -213,6 +223,7 @@ def test_save_and_load(tutorial_run):
     _check_save_and_load(tutorial_run("save_and_load"))
 
 
+@_upstream_also_runs
 def test_save_and_load_upstream_also_runs(tutorial_run):
     _check_save_and_load(tutorial_run("save_and_load", upstream=True))
 
@@ -240,5 +251,6 @@ def test_keras_guide_distributed_training(tutorial_run):
     _check_keras_guide(tutorial_run("keras_guide_distributed_training"))
 
 
+@_upstream_also_runs
 def test_keras_guide_distributed_training_upstream_also_runs(tutorial_run):
     _check_keras_guide(tutorial_run("keras_guide_distributed_training", upstream=True))

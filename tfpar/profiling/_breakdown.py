@@ -21,7 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tfpar.profiling import _intervals as iv
@@ -188,26 +188,16 @@ def cut(events: Sequence[Event], windows: Sequence[tuple[int, int, int]]) -> Tim
     )
 
 
-def summarize(timeline: Timeline, steps: int | None = None, top: int = 5) -> Breakdown:
-    """Averages a timeline over its steps (or over `steps`, for a window without step markers)."""
+def summarize(timeline: Timeline, steps: float | None = None, top: int = 5) -> Breakdown:
+    """Averages a timeline over its steps (or over `steps`, for a window without step markers:
+    a parameter-server task's share of the coordinator's steps, not always a whole number)."""
     count = steps if steps is not None else sum(window[0] for window in timeline.steps)
     count = max(count, 1)
     ms = {part: iv.length(spans) / 1e6 / count for part, spans in timeline.parts.items()}
     ranked = sorted(timeline.op_time.items(), key=lambda item: -item[1])[:top]
     return Breakdown(
-        steps=count,
+        steps=int(round(count)),
         step_ms=sum(ms.values()),
         top_ops=tuple((part, kind, ns / 1e6 / count) for (part, kind), ns in ranked),
         **{f"{part}_ms": ms[part] for part in PARTS},
     )
-
-
-def merge(breakdowns: Iterable[Breakdown]) -> Breakdown:
-    """The step-weighted mean of several breakdowns (e.g. of several captures of one task)."""
-    items = list(breakdowns)
-    total = sum(item.steps for item in items) or 1
-    values = {
-        f"{part}_ms": sum(getattr(item, f"{part}_ms") * item.steps for item in items) / total for part in PARTS
-    }
-    return Breakdown(steps=total, step_ms=sum(values.values()), top_ops=items[0].top_ops if items else (),
-                     **values)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -155,19 +156,11 @@ def _busy_breakdown(events: list[_xplane.Event], steps: float, seconds: float | 
     """A task without step markers: its parts over the capture (`seconds` long, default: from its
     first event to its last), per step; the rest is idle."""
     if not events:
-        return _breakdown.Breakdown(0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        return EMPTY
     first = min(event.start_ns for event in events)
     last = max(event.end_ns for event in events)
     window = [(first, first + int(seconds * 1e9) if seconds else last)]
     timeline = _breakdown.cut(events, [(1, *window[0])])
-    parts = dict(timeline.parts)
-    busy = iv.union(parts["compute"] + parts["communication"] + parts["input"])
-    parts["idle"] = iv.subtract(window, busy)
-    parts["other"] = []
-    ms = {part: iv.length(spans) / 1e6 / steps for part, spans in parts.items()}
-    ranked = sorted(timeline.op_time.items(), key=lambda item: -item[1])[:5]
-    return _breakdown.Breakdown(
-        steps=int(round(steps)), step_ms=sum(ms.values()),
-        top_ops=tuple((part, kind, ns / 1e6 / steps) for (part, kind), ns in ranked),
-        **{f"{part}_ms": ms[part] for part in _breakdown.PARTS},
-    )
+    busy = iv.union(timeline.parts["compute"] + timeline.parts["communication"] + timeline.parts["input"])
+    parts = {**timeline.parts, "idle": iv.subtract(window, busy), "other": []}
+    return _breakdown.summarize(dataclasses.replace(timeline, parts=parts), steps)
